@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make test` and (later) `make demo`.
+# Re-running is fast: the install is redone only when pyproject.toml or this file change.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# The CPU build used when the venv has no torch yet. A GPU user installs their own
+# CUDA torch into $(VENV) first; it is then kept (and pinned for every later install).
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.inflora-installed
+CONSTRAINTS := $(VENV)/constraints.txt
+
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) "setuptools>=69" wheel ninja
+	# deepspeed builds against the installed torch: no isolated build env (that would pull another torch).
+	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check inflora_dist tests
+	$(PY) -m ruff format --check inflora_dist tests
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache *.egg-info

@@ -1,0 +1,108 @@
+"""InfLoRA's task-boundary hooks: design A_t before a task, grow the memory after it.
+
+    collector pass over task t's data     ->  on_task_start(t): A_t per group
+    train B_t (and the task's head)
+    collector pass with the branch active ->  on_task_end(t):   DualGPM update, fold B_t A_t
+
+Both hooks are collectives: every rank calls them in the same order. With
+reduce="owner" each group's covariance lives only on its owner rank, which
+runs the subspace math and broadcasts A_t and the updated memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inflora_dist import dist
+from inflora_dist.covariance import CovarianceCollector, assign_owners
+from inflora_dist.inject import InjectionReport
+from inflora_dist.subspace import REMOVE, RETAIN, SubspaceMemory
+
+REDUCE_MODES = ("all_reduce", "owner")
+_MODE_CODES = {None: 0, REMOVE: 1, RETAIN: 2}
+
+
+def broadcast_memory_(memory: SubspaceMemory, src: int) -> None:
+    """Make every rank's `memory` equal to rank `src`'s. Collective (two broadcasts)."""
+    device = dist.collective_device()
+    header = torch.tensor([_MODE_CODES[memory.mode], memory.basis.shape[1]], dtype=torch.int64, device=device)
+    dist.broadcast_(header, src)
+    code, k = header.tolist()
+    basis = (
+        memory.basis.to(device)
+        if dist.get_rank() == src
+        else torch.empty(memory.dim, k, dtype=torch.float64, device=device)
+    )
+    dist.broadcast_(basis, src)
+    memory.mode = {v: m for m, v in _MODE_CODES.items()}[code]
+    memory.basis = basis.cpu()
+
+
+class InfLoRA:
+    """Subspace memories and the covariance collector for the input groups of an injected model."""
+
+    def __init__(
+        self,
+        report: InjectionReport,
+        lambda_begin: float,
+        lambda_end: float,
+        reduce: str = "all_reduce",
+        accumulation_dtype: torch.dtype | None = None,
+    ) -> None:
+        if reduce not in REDUCE_MODES:
+            raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
+        self.report = report
+        first = next(iter(report.layers.values()))
+        self.rank, self.num_tasks = first.rank, first.num_tasks
+        self.reduce = reduce
+        self.memories = {g: SubspaceMemory(d, lambda_begin, lambda_end, self.num_tasks) for g, d in report.dims.items()}
+        representatives = {g: report.layers[names[0]] for g, names in report.groups.items()}
+        self.collector = CovarianceCollector(representatives, report.dims, dtype=accumulation_dtype)
+        self.owners = assign_owners(report.dims, dist.get_world_size()) if reduce == "owner" else None
+
+    def _reduced_covariances(self) -> dict[str, torch.Tensor]:
+        # collective: every rank must reach this
+        if self.owners is not None:
+            return self.collector.reduce_to_owners(self.owners)
+        return self.collector.all_reduce()
+
+    def on_task_start(self, task_id: int) -> dict[str, torch.Tensor]:
+        """Design A_t for every group from the collected pass over task t's data; install it. Collective.
+
+        Returns the designed A_t per group, (rank, d_in) float64, identical on every rank.
+        """
+        covs = self._reduced_covariances()
+        designs = {}
+        for g in self.collector.groups:
+            if g in covs:
+                a = self.memories[g].down_projection(covs[g], self.rank)
+            else:
+                a = torch.empty(self.rank, self.report.dims[g], dtype=torch.float64)
+            if self.owners is not None:
+                a = dist.broadcast_(a.to(dist.collective_device()), self.owners[g]).cpu()  # collective
+            for layer in self.report.group_modules(g):
+                layer.start_task(task_id, a)
+            designs[g] = a
+        return designs
+
+    def on_task_end(self, task_id: int) -> None:
+        """Grow every group's memory from the post-task pass (DualGPM) and fold the task's branches. Collective."""
+        covs = self._reduced_covariances()
+        for g in self.collector.groups:
+            if g in covs:
+                self.memories[g].update(covs[g], task_id)
+            if self.owners is not None:
+                broadcast_memory_(self.memories[g], self.owners[g])  # collective
+            for layer in self.report.group_modules(g):
+                layer.finish_task()
+
+    def state_dict(self) -> dict[str, dict]:
+        """Every group's subspace memory."""
+        return {g: m.state_dict() for g, m in self.memories.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Restore memories saved by `state_dict`; the groups must match."""
+        if set(state) != set(self.memories):
+            raise ValueError(f"state names groups {sorted(set(state) ^ set(self.memories))} this model does not have")
+        for g, s in state.items():
+            self.memories[g].load_state_dict(s)

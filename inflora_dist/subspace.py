@@ -1,0 +1,294 @@
+"""Subspace math of InfLoRA (Liang & Li, CVPR 2024): pure functions on tensors.
+
+Notation (per input group, d = input dimension):
+  C    (d, d)  uncentred input covariance, (1/N) sum_n x_n x_n^T over tokens.
+  M    (d, k)  orthonormal basis of the old tasks' subspace ("remove" mode).
+  Q    (d, q)  orthonormal basis of its complement, the free space ("retain" mode).
+  A_t  (r, d)  the designed, frozen down-projection of task t.
+
+DualGPM stores whichever of M and Q is smaller, so the memory never exceeds
+d x d/2. Every decomposition runs in float64 whatever the input dtype: the
+energy ratios compare sums of squared singular values whose tail would drown in
+float32 rounding. Results come back as float64; layers cast them when written.
+
+The math follows `methods/inflora.py` of the reference repository
+(liangyanshuo/InfLoRA), with two documented departures:
+  * a first task whose kept dimension is already >= d/2 stores the free-space
+    basis U[:, k:] (the reference stores U[:, :k] and labels it the free space);
+  * growth never adds directions that carry no energy (numerically zero singular
+    values): those singular vectors are arbitrary and could point into the
+    protected subspace.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REMOVE = "remove"
+RETAIN = "retain"
+
+#: The reference scales the designed A by 1/sqrt(3) (the std of LoRA's kaiming-uniform init).
+A_SCALE = 1.0 / math.sqrt(3.0)
+
+
+def energy_threshold(task_index: int, lambda_begin: float, lambda_end: float, num_tasks: int) -> float:
+    """DualGPM threshold eps_t = lambda_b + (lambda_e - lambda_b) * t / T for task t (0-based)."""
+    return lambda_begin + (lambda_end - lambda_begin) * task_index / num_tasks
+
+
+def _top_eigenvalue(c: torch.Tensor, iters: int = 30) -> float:
+    """Estimate of lambda_max of a PSD matrix by power iteration (only a scale is needed).
+
+    Bounded below by trace / d, which lambda_max always reaches.
+    """
+    d = c.shape[0]
+    v = torch.full((d,), d**-0.5, dtype=c.dtype)  # fixed start: the same estimate on every rank
+    for _ in range(iters):
+        w = c @ v
+        norm = torch.linalg.vector_norm(w)
+        if norm == 0:
+            break
+        v = w / norm
+    return max(float(v @ (c @ v)), float(torch.trace(c)) / d)
+
+
+def _rank_tolerance(cov: torch.Tensor, c64: torch.Tensor) -> float:
+    """Singular values at or below this are numerically zero: their vectors are arbitrary.
+
+    numpy's matrix_rank rule, lambda_max * d * eps, with eps of the dtype the
+    covariance came in: its rounding noise is what must not count as signal.
+    """
+    dtype = cov.dtype if cov.dtype.is_floating_point else torch.float64
+    return _top_eigenvalue(c64) * c64.shape[0] * torch.finfo(dtype).eps
+
+
+def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so its largest-magnitude entry is positive.
+
+    Singular vectors are defined up to sign; a fixed convention makes A
+    identical on every rank and across runs (as sklearn's svd_flip does).
+    """
+    if vectors.shape[1] == 0:
+        return vectors
+    idx = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1])])
+    signs[signs == 0] = 1.0
+    return vectors * signs
+
+
+def complement_basis(basis: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (d, d - k) of the orthogonal complement of the columns of `basis` (d, k)."""
+    d, k = basis.shape
+    if k == 0:
+        return torch.eye(d, dtype=basis.dtype)
+    q_full, _ = torch.linalg.qr(basis, mode="complete")  # (d, d); first k columns span `basis`
+    return q_full[:, k:]
+
+
+def _svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin SVD of a float64 matrix: left singular vectors and singular values."""
+    u, s, _ = torch.linalg.svd(mat, full_matrices=False)
+    return u, s
+
+
+def _stored(basis: torch.Tensor) -> torch.Tensor:
+    """A row-major copy: LAPACK returns column-major factors, and collectives send raw memory."""
+    return basis.clone(memory_format=torch.contiguous_format)
+
+
+class SubspaceMemory:
+    """DualGPM memory of one input group: the old tasks' subspace, stored in the cheaper mode.
+
+    `mode` is None before any task is stored, then "remove" (the stored basis is
+    M, the protected subspace) or "retain" (the stored basis is Q, the free space).
+    """
+
+    def __init__(self, dim: int, lambda_begin: float, lambda_end: float, num_tasks: int) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        for name, value in (("lambda_begin", lambda_begin), ("lambda_end", lambda_end)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        if not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        self.dim = dim
+        self.lambda_begin = float(lambda_begin)
+        self.lambda_end = float(lambda_end)
+        self.num_tasks = num_tasks
+        self.mode: str | None = None
+        self.basis = torch.zeros(dim, 0, dtype=torch.float64)  # M (remove) or Q (retain)
+
+    # ------------------------------------------------------------------ queries
+    def threshold(self, task_index: int) -> float:
+        """The energy threshold eps_t used by `update` after task `task_index`."""
+        return energy_threshold(task_index, self.lambda_begin, self.lambda_end, self.num_tasks)
+
+    def old_basis(self) -> torch.Tensor:
+        """(dim, k) orthonormal float64 basis of the protected old-task subspace, in either mode."""
+        if self.mode == RETAIN:
+            return complement_basis(self.basis)
+        return self.basis.clone()
+
+    def free_basis(self) -> torch.Tensor:
+        """(dim, dim - k) orthonormal float64 basis of the free space (the identity before any task)."""
+        if self.mode == RETAIN:
+            return self.basis.clone()
+        return complement_basis(self.basis)
+
+    def _projected_svd(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left singular vectors (d, f) and values of the projected covariance F F^T C.
+
+        Computed in the free space's own coordinates, as F @ svd(F^T C): every
+        vector then lies in the free space by construction, even those of
+        (numerically) zero singular values, whose direction is otherwise
+        arbitrary. Mathematically the same as the SVD of (I - M M^T) C or
+        Q Q^T C that the reference takes.
+        """
+        if self.mode is None:
+            return _svd(c)
+        free = self.free_basis()  # (d, f)
+        u, s = _svd(free.T @ c)  # (f, f), (f,)
+        return free @ u, s
+
+    def project(self, cov: torch.Tensor) -> torch.Tensor:
+        """The covariance with the old subspace taken out: C, (I - M M^T) C or Q Q^T C (float64)."""
+        c = self._check_cov(cov)
+        if self.mode == REMOVE:
+            return c - self.basis @ (self.basis.T @ c)
+        if self.mode == RETAIN:
+            return self.basis @ (self.basis.T @ c)
+        return c
+
+    def down_projection(self, cov: torch.Tensor, rank: int) -> torch.Tensor:
+        """Design A_t (rank, dim), float64: top-`rank` left singular vectors of `project(cov)`, transposed, / sqrt(3).
+
+        When the projected covariance has fewer than `rank` directions with
+        energy (the free space is smaller than `rank`, or the task's data spans
+        too few directions of it), the remaining rows are zero and a warning is
+        logged: their singular vectors would be arbitrary and could reach into
+        the protected subspace. A zero row trains nothing (B's matching column
+        gets no gradient), so the branch is simply of lower rank.
+        """
+        if not isinstance(rank, int) or not 1 <= rank <= self.dim:
+            raise ValueError(f"rank must be an int in [1, {self.dim}], got {rank!r}")
+        c = self._check_cov(cov)
+        u, s = self._projected_svd(c)
+        usable = int((s[:rank] > _rank_tolerance(cov, c)).sum())
+        a = torch.zeros(rank, self.dim, dtype=torch.float64)
+        a[:usable] = _fix_signs(u[:, :usable]).T * A_SCALE
+        if usable < rank:
+            logger.warning(
+                "only %d of rank %d directions carry energy outside the old-task subspace "
+                "(dim %d, mode %s); the other rows of A are zero",
+                usable,
+                rank,
+                self.dim,
+                self.mode,
+            )
+        return a
+
+    # ------------------------------------------------------------------ DualGPM
+    def update(self, cov: torch.Tensor, task_index: int) -> None:
+        """Grow the old-task subspace with task `task_index`'s post-training covariance (DualGPM)."""
+        if not isinstance(task_index, int) or not 0 <= task_index < self.num_tasks:
+            raise ValueError(f"task_index must be an int in [0, {self.num_tasks}), got {task_index!r}")
+        c = self._check_cov(cov)
+        eps_t = self.threshold(task_index)
+        u1, s1 = _svd(c)
+        total = float((s1**2).sum())
+        if total == 0.0:
+            raise ValueError("cannot update the subspace memory from an all-zero covariance (no tokens seen?)")
+        tol = _rank_tolerance(cov, c)
+        if self.mode is None:
+            self._store_first(u1, s1, total, eps_t)
+        elif self.mode == REMOVE:
+            self._grow_remove(c, total, eps_t, tol)
+        else:
+            self._grow_retain(c, total, eps_t, tol)
+        if self.mode == REMOVE and self.basis.shape[1] > self.dim / 2:
+            # Storing the complement is cheaper from here on (and exact: same span).
+            self.basis = _stored(complement_basis(self.basis))
+            self.mode = RETAIN
+
+    def _store_first(self, u: torch.Tensor, s: torch.Tensor, total: float, eps_t: float) -> None:
+        # Eq. 5: k = #{cumsum(sigma^2) / sum(sigma^2) < eps}, at least 1.
+        ratio = torch.cumsum(s**2, 0) / total
+        k = max(int((ratio < eps_t).sum()), 1)
+        if k < self.dim / 2:
+            self.mode, self.basis = REMOVE, _stored(u[:, :k])
+        else:
+            # The free space is the smaller one: store it (the reference stores u[:, :k] here).
+            self.mode, self.basis = RETAIN, _stored(u[:, k:])
+
+    def _grow_remove(self, c: torch.Tensor, total: float, eps_t: float, tol: float) -> None:
+        m = self.basis
+        u, s = self._projected_svd(c)  # Eq. 8: projected representation
+        captured = (total - float((s**2).sum())) / total  # energy the old subspace already holds
+        ratios = (s**2) / total
+        budget = int((s > tol).sum())  # directions with energy
+        r = 0
+        while r < budget and captured < eps_t:  # Eq. 9
+            captured += float(ratios[r])
+            r += 1
+        if r == 0:
+            return
+        self.basis = _stored(torch.cat([m, u[:, :r]], dim=1))  # r <= d - k: never wider than d
+
+    def _grow_retain(self, c: torch.Tensor, total: float, eps_t: float, tol: float) -> None:
+        q = self.basis
+        u, s = self._projected_svd(c)  # energy that still lies in the free space
+        free_energy = float((s**2).sum()) / total
+        ratios = (s**2) / total
+        budget = int((s > tol).sum())  # at most q
+        r = 0
+        while r < budget and free_energy >= 1.0 - eps_t:
+            free_energy -= float(ratios[r])
+            r += 1
+        if r == 0:
+            return
+        # Remove the r new directions from the free space.
+        remaining = q - u[:, :r] @ (u[:, :r].T @ q)
+        ui, _ = _svd(remaining)  # (d, q): the first q - r columns span what is left
+        self.basis = _stored(ui[:, : q.shape[1] - r])
+
+    # ------------------------------------------------------------------ helpers
+    def _check_cov(self, cov: torch.Tensor) -> torch.Tensor:
+        if cov.shape != (self.dim, self.dim):
+            raise ValueError(f"covariance must have shape ({self.dim}, {self.dim}), got {tuple(cov.shape)}")
+        c = cov.detach().to(device="cpu", dtype=torch.float64)
+        if not torch.isfinite(c).all():
+            raise ValueError("covariance contains NaN or inf")
+        return c
+
+    # ------------------------------------------------------------------ Stateful
+    def state_dict(self) -> dict:
+        """Tensors and plain values only (safe to store as safetensors + JSON)."""
+        return {
+            "dim": self.dim,
+            "lambda_begin": self.lambda_begin,
+            "lambda_end": self.lambda_end,
+            "num_tasks": self.num_tasks,
+            "mode": self.mode,
+            "basis": self.basis.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a memory saved by `state_dict`; the dimension must match."""
+        if int(state["dim"]) != self.dim:
+            raise ValueError(f"state is for dim {state['dim']}, this memory has dim {self.dim}")
+        mode = state["mode"]
+        if mode not in (None, REMOVE, RETAIN):
+            raise ValueError(f"unknown subspace memory mode {mode!r}")
+        basis = torch.as_tensor(state["basis"], dtype=torch.float64)
+        if basis.ndim != 2 or basis.shape[0] != self.dim:
+            raise ValueError(f"basis must have shape ({self.dim}, k), got {tuple(basis.shape)}")
+        self.lambda_begin = float(state["lambda_begin"])
+        self.lambda_end = float(state["lambda_end"])
+        self.num_tasks = int(state["num_tasks"])
+        self.mode = mode
+        self.basis = _stored(basis)
