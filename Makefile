@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
+	$(PY) -m ruff check inflora_dist tests
 	$(PY) -m pytest -q
 
 lint: install

@@ -11,12 +11,16 @@ runs the subspace math and broadcasts A_t and the updated memory.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from inflora_dist import dist
 from inflora_dist.covariance import CovarianceCollector, assign_owners
 from inflora_dist.inject import InjectionReport
 from inflora_dist.subspace import REMOVE, RETAIN, SubspaceMemory
+
+logger = logging.getLogger(__name__)
 
 REDUCE_MODES = ("all_reduce", "owner")
 _MODE_CODES = {None: 0, REMOVE: 1, RETAIN: 2}
@@ -95,6 +99,11 @@ class InfLoRA:
                 broadcast_memory_(self.memories[g], self.owners[g])  # collective
             for layer in self.report.group_modules(g):
                 layer.finish_task()
+        if dist.is_main_process():
+            for g, m in self.memories.items():
+                logger.info(
+                    "task %d: %s protects %d/%d directions (%s mode)", task_id, g, m.protected_dim, m.dim, m.mode
+                )
 
     def state_dict(self) -> dict[str, dict]:
         """Every group's subspace memory."""

@@ -128,6 +128,11 @@ class SubspaceMemory:
         """The energy threshold eps_t used by `update` after task `task_index`."""
         return energy_threshold(task_index, self.lambda_begin, self.lambda_end, self.num_tasks)
 
+    @property
+    def protected_dim(self) -> int:
+        """k, the dimension of the protected old-task subspace."""
+        return self.dim - self.basis.shape[1] if self.mode == RETAIN else self.basis.shape[1]
+
     def old_basis(self) -> torch.Tensor:
         """(dim, k) orthonormal float64 basis of the protected old-task subspace, in either mode."""
         if self.mode == RETAIN:
