@@ -204,13 +204,12 @@ class SubspaceMemory:
             raise ValueError(f"task_index must be an int in [0, {self.num_tasks}), got {task_index!r}")
         c = self._check_cov(cov)
         eps_t = self.threshold(task_index)
-        u1, s1 = _svd(c)
-        total = float((s1**2).sum())
+        total = float((c**2).sum())  # sum of squared singular values = squared Frobenius norm
         if total == 0.0:
             raise ValueError("cannot update the subspace memory from an all-zero covariance (no tokens seen?)")
         tol = _rank_tolerance(cov, c)
         if self.mode is None:
-            self._store_first(u1, s1, total, eps_t)
+            self._store_first(*_svd(c), eps_t)
         elif self.mode == REMOVE:
             self._grow_remove(c, total, eps_t, tol)
         else:
@@ -220,9 +219,9 @@ class SubspaceMemory:
             self.basis = _stored(complement_basis(self.basis))
             self.mode = RETAIN
 
-    def _store_first(self, u: torch.Tensor, s: torch.Tensor, total: float, eps_t: float) -> None:
+    def _store_first(self, u: torch.Tensor, s: torch.Tensor, eps_t: float) -> None:
         # Eq. 5: k = #{cumsum(sigma^2) / sum(sigma^2) < eps}, at least 1.
-        ratio = torch.cumsum(s**2, 0) / total
+        ratio = torch.cumsum(s**2, 0) / (s**2).sum()
         k = max(int((ratio < eps_t).sum()), 1)
         if k < self.dim / 2:
             self.mode, self.basis = REMOVE, _stored(u[:, :k])
@@ -245,7 +244,6 @@ class SubspaceMemory:
         self.basis = _stored(torch.cat([m, u[:, :r]], dim=1))  # r <= d - k: never wider than d
 
     def _grow_retain(self, c: torch.Tensor, total: float, eps_t: float, tol: float) -> None:
-        q = self.basis
         u, s = self._projected_svd(c)  # energy that still lies in the free space
         free_energy = float((s**2).sum()) / total
         ratios = (s**2) / total
@@ -256,10 +254,9 @@ class SubspaceMemory:
             r += 1
         if r == 0:
             return
-        # Remove the r new directions from the free space.
-        remaining = q - u[:, :r] @ (u[:, :r].T @ q)
-        ui, _ = _svd(remaining)  # (d, q): the first q - r columns span what is left
-        self.basis = _stored(ui[:, : q.shape[1] - r])
+        # u = Q u' with u' an orthonormal basis of R^q: its last q - r columns
+        # span the free space minus the r new directions.
+        self.basis = _stored(u[:, r:])
 
     # ------------------------------------------------------------------ helpers
     def _check_cov(self, cov: torch.Tensor) -> torch.Tensor:
