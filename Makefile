@@ -11,12 +11,20 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.inflora-installed
 CONSTRAINTS := $(VENV)/constraints.txt
 
+# Fashion-MNIST for the data tests and the demo comes from Debian's package.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: install test lint clean
 
-install: $(STAMP)
+install: $(STAMP) $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "WARNING: install Debian's dataset-fashion-mnist (root needed); its tests are skipped until then"; fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,326 @@
+"""Build a task sequence as webdataset shards, plus its index and task-sequence YAML.
+
+    python -m inflora_dist.data.build_shards fashion-mnist --out runs/shards/fmnist --tasks 5 --classes-per-task 2
+    python -m inflora_dist.data.build_shards arrays --train-images x.npy --train-labels y.npy ... --out s3://b/x
+    python -m inflora_dist.data.build_shards jsonl a.jsonl b.jsonl --out runs/shards/text
+
+Writes under --out (any fsspec URL): `train/<task>-NNNNNN.tar`, `eval/<task>-NNNNNN.tar`,
+`index.json` (per shard: samples, bytes, sha256; per task: samples per split)
+and `tasks.yaml` (the task sequence, with `root` set to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import posixpath
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+from tqdm import tqdm
+
+from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
+from inflora_dist.data.spec import METRICS, InstructionSpec, SplitSpec, TaskSequenceConfig, TaskSpec, to_yaml, validate
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# ---------------------------------------------------------------- sources
+def read_idx(path: str | Path) -> np.ndarray:
+    """An array from an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = bytearray(f.read())  # writable, so arrays made from it are too
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.dtype(_IDX_DTYPES[data[2]]), offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values")
+    return array.reshape(shape)
+
+
+def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR) -> dict[str, np.ndarray]:
+    """Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist installs them)."""
+    d = Path(directory)
+    names = {
+        "train_images": "train-images-idx3-ubyte",
+        "train_labels": "train-labels-idx1-ubyte",
+        "eval_images": "t10k-images-idx3-ubyte",
+        "eval_labels": "t10k-labels-idx1-ubyte",
+    }
+    out = {}
+    for key, stem in names.items():
+        path = next((p for p in (d / f"{stem}.gz", d / stem) if p.exists()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"{d / stem}(.gz) not found: install Fashion-MNIST (apt-get install dataset-fashion-mnist) "
+                "or pass --source"
+            )
+        out[key] = read_idx(path)
+    return out
+
+
+def read_jsonl(
+    paths: Sequence[str | Path],
+    task_field: str | None = None,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> dict[str, list[dict[str, str]]]:
+    """Records {prompt, response} grouped by task: by `task_field` if given, else one task per file (its stem)."""
+    tasks: dict[str, list[dict[str, str]]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    item = {"prompt": str(record[prompt_field]), "response": str(record[response_field])}
+                    task = str(record[task_field]) if task_field else Path(path).stem
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise ValueError(f"{path}:{lineno}: bad record ({err!r})") from None
+                tasks.setdefault(task, []).append(item)
+    return tasks
+
+
+# ---------------------------------------------------------------- builders
+def split_classes(classes: Sequence[int], num_tasks: int, classes_per_task: int, seed: int) -> list[list[int]]:
+    """A seeded class order cut into `num_tasks` tasks of `classes_per_task` classes."""
+    if num_tasks * classes_per_task > len(classes):
+        raise ValueError(
+            f"{num_tasks} tasks x {classes_per_task} classes need {num_tasks * classes_per_task} classes, "
+            f"the data has {len(classes)}"
+        )
+    order = sorted(classes)
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i * classes_per_task : (i + 1) * classes_per_task]) for i in range(num_tasks)]
+
+
+def _pick(labels: np.ndarray, classes: Sequence[int], per_class: int | None, rng: random.Random) -> list[int]:
+    """Indices of up to `per_class` samples of each class (seeded), shuffled together."""
+    picked = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c).tolist()
+        rng.shuffle(idx)
+        picked.extend(idx[:per_class] if per_class is not None else idx)
+    rng.shuffle(picked)
+    return picked
+
+
+def _write_split(
+    out: str, prefix: str, samples: Sequence[dict[str, Any]], shard_size: int, storage_options: Mapping, bar: tqdm
+) -> list[ShardInfo]:
+    with ShardWriter(out, prefix, shard_size, storage_options) as writer:
+        for sample in samples:
+            writer.write(sample)
+            bar.update(1)
+    return writer.shards
+
+
+def _finish(out: str, config: TaskSequenceConfig, shards: list[ShardInfo], storage_options: Mapping) -> None:
+    validate(config)
+    tasks = {t.name: {"train": t.train.samples, "eval": t.eval.samples} for t in config.tasks}
+    write_index(out, shards, tasks, storage_options)
+    fs, root = fsspec.core.url_to_fs(out, **dict(storage_options))
+    with fs.open(posixpath.join(root, "tasks.yaml"), "w") as f:
+        f.write(to_yaml(config))
+
+
+def _split_spec(shards: list[ShardInfo]) -> SplitSpec:
+    return SplitSpec(shards=[s.path for s in shards], samples=sum(s.samples for s in shards))
+
+
+def build_classification(
+    train: tuple[np.ndarray, np.ndarray],
+    evaluation: tuple[np.ndarray, np.ndarray],
+    out: str,
+    *,
+    num_tasks: int,
+    classes_per_task: int,
+    seed: int = 0,
+    train_per_class: int | None = None,
+    eval_per_class: int | None = None,
+    shard_size: int = 1000,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TaskSequenceConfig:
+    """A class-incremental sequence from (images, labels) arrays; returns the written task sequence.
+
+    Each sample is `{"__key__": "<split>-<source index>", "npy": image, "cls": label}`.
+    """
+    storage_options = dict(storage_options or {})
+    (x_train, y_train), (x_eval, y_eval) = train, evaluation
+    if len(x_train) != len(y_train) or len(x_eval) != len(y_eval):
+        raise ValueError("images and labels differ in length")
+    task_classes = split_classes(np.unique(y_train).tolist(), num_tasks, classes_per_task, seed)
+    rng = random.Random(seed)
+    plan = []
+    for i, classes in enumerate(task_classes):
+        tr = _pick(y_train, classes, train_per_class, rng)
+        ev = _pick(y_eval, classes, eval_per_class, rng)
+        plan.append((f"task{i}", classes, tr, ev))
+    config = TaskSequenceConfig(kind="classification", scenario="class_incremental", root=out, index="index.json")
+    all_shards: list[ShardInfo] = []
+    total = sum(len(tr) + len(ev) for _, _, tr, ev in plan)
+    with tqdm(total=total, desc="writing shards", unit="sample", disable=not progress) as bar:
+        for name, classes, tr, ev in plan:
+            splits = {}
+            for split, x, y, idx in (("train", x_train, y_train, tr), ("eval", x_eval, y_eval, ev)):
+                samples = ({"__key__": f"{split}-{j:06d}", "npy": x[j], "cls": int(y[j])} for j in idx)
+                shards = _write_split(out, f"{split}/{name}", list(samples), shard_size, storage_options, bar)
+                splits[split] = _split_spec(shards)
+                all_shards.extend(shards)
+            config.tasks.append(TaskSpec(name=name, classes=classes, train=splits["train"], eval=splits["eval"]))
+    _finish(out, config, all_shards, storage_options)
+    return config
+
+
+def build_instruction(
+    records: Mapping[str, Sequence[Mapping[str, str]]],
+    out: str,
+    *,
+    eval_fraction: float = 0.1,
+    metrics: Mapping[str, str] | None = None,
+    seed: int = 0,
+    shard_size: int = 1000,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> TaskSequenceConfig:
+    """An instruction-tuning sequence, one task per key of `records` (in order).
+
+    Each sample is `{"__key__": "<task>-<n>", "json": {"prompt", "response", "task"}}`. A seeded
+    `eval_fraction` of each task is held out. Exact-match tasks list their distinct responses as labels.
+    """
+    storage_options = dict(storage_options or {})
+    metrics = dict(metrics or {})
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    unknown = set(metrics) - set(records)
+    if unknown:
+        raise ValueError(f"metrics name tasks that do not exist: {sorted(unknown)}; tasks are {list(records)}")
+    rng = random.Random(seed)
+    config = TaskSequenceConfig(kind="instruction", scenario="task_incremental", root=out, index="index.json")
+    all_shards: list[ShardInfo] = []
+    with tqdm(total=sum(map(len, records.values())), desc="writing shards", unit="sample", disable=not progress) as bar:
+        for name, items in records.items():
+            metric = metrics.get(name, "exact_match")
+            if metric not in METRICS:
+                raise ValueError(f"metric for task {name!r} must be one of {METRICS}, got {metric!r}")
+            order = list(range(len(items)))
+            rng.shuffle(order)
+            n_eval = max(1, round(len(items) * eval_fraction))
+            if len(items) - n_eval < 1:
+                raise ValueError(f"task {name!r} has {len(items)} records: too few to hold out an eval split")
+            splits = {}
+            for split, idx in (("train", order[n_eval:]), ("eval", order[:n_eval])):
+                samples = [{"__key__": f"{name}-{j:08d}", "json": {**items[j], "task": name}} for j in idx]
+                shards = _write_split(out, f"{split}/{name}", samples, shard_size, storage_options, bar)
+                splits[split] = _split_spec(shards)
+                all_shards.extend(shards)
+            labels = sorted({r["response"] for r in items}) if metric == "exact_match" else []
+            spec = InstructionSpec(metric=metric, labels=labels)
+            config.tasks.append(TaskSpec(name=name, train=splits["train"], eval=splits["eval"], instruction=spec))
+    _finish(out, config, all_shards, storage_options)
+    return config
+
+
+# ---------------------------------------------------------------- CLI
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inflora_dist.data.build_shards", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--out", required=True, help="output URL: a local path, file://, s3://...")
+        s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        s.add_argument("--seed", type=int, default=0, help="seed of the class order and sample selection")
+        s.add_argument(
+            "-o", "--storage-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+            help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000 (repeatable)",
+        )  # fmt: skip
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def classification(s: argparse.ArgumentParser) -> None:
+        common(s)
+        s.add_argument("--tasks", type=int, required=True, help="number of tasks")
+        s.add_argument("--classes-per-task", type=int, required=True)
+        s.add_argument("--train-per-class", type=int, default=None, help="training samples per class (default all)")
+        s.add_argument("--eval-per-class", type=int, default=None, help="eval samples per class (default all)")
+
+    fm = sub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files -> class-incremental tasks")
+    fm.add_argument("--source", default=FASHION_MNIST_DIR, help=f"directory of the IDX files ({FASHION_MNIST_DIR})")
+    classification(fm)
+    ar = sub.add_parser("arrays", help=".npy image and label arrays -> class-incremental tasks")
+    for name in ("train-images", "train-labels", "eval-images", "eval-labels"):
+        ar.add_argument(f"--{name}", required=True, help=f"{name.replace('-', ' ')} (.npy)")
+    classification(ar)
+    js = sub.add_parser("jsonl", help="JSON Lines of prompt/response records -> instruction tasks")
+    js.add_argument("files", nargs="+", help="one task per file, unless --task-field is given")
+    js.add_argument("--task-field", default=None, help="the record field naming the task")
+    js.add_argument("--prompt-field", default="prompt")
+    js.add_argument("--response-field", default="response")
+    js.add_argument("--eval-fraction", type=float, default=0.1)
+    js.add_argument(
+        "--metric", type=_key_value, action="append", default=[], metavar="TASK=METRIC",
+        help=f"scoring of a task, one of {METRICS} (default exact_match)",
+    )  # fmt: skip
+    common(js)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
+    """Entry point of `python -m inflora_dist.data.build_shards`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = dict(args.storage_option)
+    common = {"seed": args.seed, "shard_size": args.shard_size, "storage_options": options, "progress": not args.quiet}
+    if args.command == "jsonl":
+        records = read_jsonl(args.files, args.task_field, args.prompt_field, args.response_field)
+        config = build_instruction(
+            records, args.out, eval_fraction=args.eval_fraction, metrics=dict(args.metric), **common
+        )
+    else:
+        if args.command == "fashion-mnist":
+            data = load_fashion_mnist(args.source)
+        else:
+            keys = ("train_images", "train_labels", "eval_images", "eval_labels")
+            data = {k: np.load(getattr(args, k), allow_pickle=False) for k in keys}
+        config = build_classification(
+            (data["train_images"], data["train_labels"]),
+            (data["eval_images"], data["eval_labels"]),
+            args.out,
+            num_tasks=args.tasks,
+            classes_per_task=args.classes_per_task,
+            train_per_class=args.train_per_class,
+            eval_per_class=args.eval_per_class,
+            **common,
+        )
+    logger.info("wrote %d tasks to %s (task sequence: %s)", len(config.tasks), args.out, config.url("tasks.yaml"))
+    return config
+
+
+if __name__ == "__main__":
+    main()

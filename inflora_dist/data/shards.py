@@ -1,0 +1,111 @@
+"""Writing webdataset shards to any fsspec URL, with a JSON index of counts and checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import webdataset
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class ShardInfo:
+    """One written shard: its path relative to the dataset root, sample count, size and sha256."""
+
+    path: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class _HashingFile:
+    """Passes writes through to `raw` while hashing and counting them."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.raw.write(data)
+
+
+class ShardWriter:
+    """Writes samples into `root/prefix-000000.tar`, `-000001.tar`, ... of at most `max_samples` each.
+
+    Tar members get a fixed mtime so the same samples always give the same bytes
+    (and checksums).
+    """
+
+    def __init__(self, root: str, prefix: str, max_samples: int, storage_options: Mapping[str, Any] | None = None):
+        if max_samples < 1:
+            raise ValueError(f"shard size must be >= 1 sample, got {max_samples}")
+        self.root, self.prefix, self.max_samples = root, prefix, max_samples
+        self.fs, self.root_path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+        self.shards: list[ShardInfo] = []
+        self._raw = self._hashing = self._tar = None
+        self._count = 0
+
+    def _open_next(self) -> None:
+        rel = f"{self.prefix}-{len(self.shards):06d}.tar"
+        path = posixpath.join(self.root_path, rel)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._raw = self.fs.open(path, "wb")
+        self._hashing = _HashingFile(self._raw)
+        self._tar = webdataset.TarWriter(self._hashing, mtime=0, compress=False)  # an int mtime: no PAX headers
+        self.shards.append(ShardInfo(rel, 0, 0, ""))
+        self._count = 0
+
+    def _close_current(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._raw.close()
+        info = self.shards[-1]
+        info.samples, info.bytes, info.sha256 = self._count, self._hashing.bytes, self._hashing.sha256.hexdigest()
+        self._tar = None
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        """Add one sample (`__key__` plus encoded-by-extension fields, e.g. `npy`, `cls`, `json`)."""
+        if self._tar is None or self._count >= self.max_samples:
+            self._close_current()
+            self._open_next()
+        self._tar.write(dict(sample))
+        self._count += 1
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the last shard; returns every shard written."""
+        self._close_current()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_index(
+    root: str,
+    shards: Iterable[ShardInfo],
+    tasks: Mapping[str, Mapping[str, int]],
+    storage_options: Mapping[str, Any] | None = None,
+    name: str = "index.json",
+) -> dict:
+    """Write `root/index.json`: per shard {samples, bytes, sha256}, per task {split: samples}."""
+    index = {
+        "version": INDEX_VERSION,
+        "shards": {s.path: {k: v for k, v in asdict(s).items() if k != "path"} for s in shards},
+        "tasks": {name: dict(splits) for name, splits in tasks.items()},
+    }
+    fs, root_path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+    with fs.open(posixpath.join(root_path, name), "w") as f:
+        f.write(json.dumps(index, indent=1, sort_keys=True))
+    return index

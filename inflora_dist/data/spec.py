@@ -1,0 +1,197 @@
+"""The task-sequence spec: a YAML section (OmegaConf structured config) describing the tasks.
+
+    kind: classification            # or: instruction
+    scenario: class_incremental     # classes of different tasks must not overlap
+    root: s3://bucket/fmnist        # relative shard paths are joined to this
+    index: index.json               # per-shard sample counts (written by build_shards)
+    storage_options: {endpoint_url: http://127.0.0.1:9000}
+    tasks:
+      - name: task0
+        classes: [3, 7]
+        train: {shards: "train/task0-{000000..000003}.tar", samples: 2400}
+        eval: {shards: [eval/task0-000000.tar], samples: 400}
+
+Class order and task split are data, not code: they live here.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import braceexpand
+import fsspec
+from omegaconf import DictConfig, OmegaConf
+
+from inflora_dist.config import merge_structured, read_yaml
+
+KINDS = ("classification", "instruction")
+SCENARIOS = ("class_incremental", "domain_incremental", "task_incremental")
+METRICS = ("exact_match", "rouge_l")
+
+
+@dataclass
+class SplitSpec:
+    """The shards of one split of one task. `shards`: URLs or brace patterns, absolute or relative to root."""
+
+    shards: list[str] = field(default_factory=list)
+    samples: int = 0
+
+
+@dataclass
+class InstructionSpec:
+    """How an instruction task is scored; `labels` lists the answers of a classification-style task."""
+
+    metric: str = "exact_match"
+    labels: list[str] = field(default_factory=list)
+    system_prompt: str | None = None
+
+
+@dataclass
+class TaskSpec:
+    """One task: its splits, and either the classes it introduces or its instruction format."""
+
+    name: str = ""
+    train: SplitSpec = field(default_factory=SplitSpec)
+    eval: SplitSpec = field(default_factory=SplitSpec)
+    classes: list[int] | None = None
+    instruction: InstructionSpec | None = None
+
+
+@dataclass
+class TaskSequenceConfig:
+    """A continual-learning task sequence stored as webdataset shards."""
+
+    kind: str = "classification"
+    scenario: str = "class_incremental"
+    root: str = ""
+    index: str = "index.json"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    tasks: list[TaskSpec] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        """`path` joined to `root` unless it is already absolute (a scheme or a leading /)."""
+        if "://" in path or path.startswith("/") or not self.root:
+            return path
+        return posixpath.join(self.root, path)
+
+    def shard_urls(self, task_index: int, split: str) -> list[str]:
+        """The expanded shard URLs of one split of one task."""
+        spec: SplitSpec = getattr(self.tasks[task_index], split)
+        return [self.url(u) for pattern in spec.shards for u in braceexpand.braceexpand(pattern)]
+
+    @property
+    def class_ids(self) -> list[int]:
+        """All class ids in task order (classification)."""
+        return [c for t in self.tasks for c in (t.classes or [])]
+
+    def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem and path for `url`, with this sequence's storage options."""
+        return fsspec.core.url_to_fs(url, **self.storage_options)
+
+    def load_index(self) -> dict:
+        """The JSON index (per-shard sample counts and checksums) written by the shard builder."""
+        url = self.url(self.index)
+        fs, path = self.filesystem(url)
+        try:
+            with fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"shard index {url} not found: build the shards with `python -m inflora_dist.data.build_shards`, "
+                "which writes it"
+            ) from None
+
+
+def load_task_sequence(
+    source: str | Mapping | DictConfig,
+    overrides: Sequence[str] = (),
+    check_shards: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> TaskSequenceConfig:
+    """Read a task sequence from a YAML URL or a mapping, apply dotlist overrides, validate.
+
+    `storage_options` (e.g. an S3 endpoint and keys) are used to read the file
+    and replace the file's own: credentials need not live in the YAML.
+    Raises ValueError naming the key for unknown keys and bad values, and
+    FileNotFoundError naming the file or the missing shard URLs.
+    """
+    raw = read_yaml(source, storage_options) if isinstance(source, str) else OmegaConf.create(dict(source))
+    if storage_options is not None:
+        raw.storage_options = dict(storage_options)
+    # A single brace pattern may stand where a list of shards is expected.
+    for task in raw.get("tasks") or []:
+        for split in ("train", "eval"):
+            if isinstance(task.get(split), DictConfig) and isinstance(task[split].get("shards"), str):
+                task[split].shards = [task[split].shards]
+    config = merge_structured(TaskSequenceConfig, raw, overrides=overrides)
+    validate(config)
+    if check_shards:
+        check_shards_exist(config)
+    return config
+
+
+def validate(config: TaskSequenceConfig) -> None:
+    """Check the sequence for empty tasks, bad names and values, and overlapping classes."""
+    if config.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {config.kind!r}")
+    if config.scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {SCENARIOS}, got {config.scenario!r}")
+    if not config.tasks:
+        raise ValueError("the task sequence has no tasks")
+    names = [t.name for t in config.tasks]
+    for i, task in enumerate(config.tasks):
+        where = f"tasks[{i}] ({task.name!r})"
+        if not task.name:
+            raise ValueError(f"tasks[{i}] has no name")
+        if names.count(task.name) > 1:
+            raise ValueError(f"task name {task.name!r} is used twice")
+        for split in ("train", "eval"):
+            spec: SplitSpec = getattr(task, split)
+            if not spec.shards or spec.samples <= 0:
+                raise ValueError(f"{where}.{split} is empty: it needs shards and samples > 0, got {spec}")
+        if config.kind == "classification":
+            if not task.classes:
+                raise ValueError(f"{where}.classes is empty: a classification task introduces classes")
+            if task.instruction is not None:
+                raise ValueError(f"{where} is a classification task but sets instruction")
+            if len(set(task.classes)) != len(task.classes) or min(task.classes) < 0:
+                raise ValueError(f"{where}.classes must be distinct ids >= 0, got {task.classes}")
+        else:
+            if task.instruction is None:
+                raise ValueError(f"{where}.instruction is missing: an instruction task needs its format")
+            if task.instruction.metric not in METRICS:
+                raise ValueError(
+                    f"{where}.instruction.metric must be one of {METRICS}, got {task.instruction.metric!r}"
+                )
+    if config.kind == "classification" and config.scenario == "class_incremental":
+        seen: dict[int, str] = {}
+        for task in config.tasks:
+            for c in task.classes or []:
+                if c in seen:
+                    raise ValueError(
+                        f"class {c} appears in task {seen[c]!r} and task {task.name!r}; "
+                        "class_incremental forbids overlapping classes (use scenario: domain_incremental)"
+                    )
+                seen[c] = task.name
+
+
+def check_shards_exist(config: TaskSequenceConfig) -> None:
+    """Raise FileNotFoundError listing every shard URL that does not exist."""
+    missing = []
+    for i in range(len(config.tasks)):
+        for split in ("train", "eval"):
+            for url in config.shard_urls(i, split):
+                fs, path = config.filesystem(url)
+                if not fs.exists(path):
+                    missing.append(url)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) missing: {missing[:10]}")
+
+
+def to_yaml(config: TaskSequenceConfig) -> str:
+    """The YAML text of a task sequence (what build_shards writes)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

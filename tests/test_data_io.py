@@ -1,0 +1,230 @@
+"""Shards built from real Fashion-MNIST files and JSONL, streamed back locally and through a real S3 API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inflora_dist.data import ShardError, TaskLoader, TaskStream, load_task_sequence, open_task
+from inflora_dist.data.build_shards import FASHION_MNIST_DIR, build_instruction, load_fashion_mnist, main, read_jsonl
+
+pytestmark = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed (make test installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_fashion_mnist()
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory, fmnist):
+    """3 tasks x 2 classes, 70 + 10 samples per class, 20 samples per shard: 7 train shards per task."""
+    out = tmp_path_factory.mktemp("shards") / "fmnist"
+    main(
+        ["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2", "--train-per-class", "70",
+         "--eval-per-class", "10", "--shard-size", "20", "--seed", "1", "--quiet"]
+    )  # fmt: skip
+    return load_task_sequence(str(out / "tasks.yaml"), check_shards=True)
+
+
+def keys_of(loader) -> list[str]:
+    return [k for b in loader for k, w in zip(b["__key__"], b["weight"].tolist(), strict=True) if w > 0]
+
+
+def test_decoded_samples_equal_the_source(sequence, fmnist):
+    assert len(sequence.tasks) == 3 and len(sequence.shard_urls(0, "train")) == 7
+    assert sorted(sequence.class_ids) == sorted(set(sequence.class_ids))
+    for t, task in enumerate(sequence.tasks):
+        for split in ("train", "eval"):
+            images, labels = fmnist[f"{split}_images"], fmnist[f"{split}_labels"]
+            stream = open_task(sequence, t, split, batch_size=16, mode="exact", rank=0, world_size=1)
+            n = 0
+            for batch in TaskLoader(stream):
+                for key, image, label, w in zip(
+                    batch["__key__"], batch["npy"], batch["cls"], batch["weight"], strict=True
+                ):
+                    if w == 0:
+                        continue
+                    source = int(key.split("-")[1])
+                    assert torch.equal(image, torch.from_numpy(images[source]))
+                    assert int(label) == labels[source] and int(label) in task.classes
+                    n += 1
+            assert n == getattr(task, split).samples == (140 if split == "train" else 20)
+
+
+def test_jsonl_round_trip(tmp_path):
+    lines = [{"prompt": f"q{i} é", "response": ["yes", "no"][i % 2], "task": f"t{i % 3}"} for i in range(30)]
+    src = tmp_path / "data.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines))
+    records = read_jsonl([src], task_field="task")
+    config = build_instruction(records, str(tmp_path / "out"), eval_fraction=0.2, shard_size=3, progress=False)
+    seq = load_task_sequence(str(tmp_path / "out" / "tasks.yaml"))
+    assert [t.name for t in seq.tasks] == ["t0", "t1", "t2"] and config.tasks[0].instruction.labels == ["no", "yes"]
+    back = []
+    for t in range(3):
+        for split in ("train", "eval"):
+            for batch in TaskLoader(open_task(seq, t, split, batch_size=4, mode="exact", rank=0, world_size=1)):
+                back += [j for j, w in zip(batch["json"], batch["weight"], strict=True) if w > 0]
+    assert sorted(map(json.dumps, back), key=str) == sorted(map(json.dumps, lines), key=str)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_mode_equal_batches_over_uneven_shards(sequence, workers):
+    """7 shards over 2 ranks: both ranks take the same number of steps and together see every sample once."""
+    loaders = [
+        TaskLoader(
+            open_task(sequence, 0, "train", batch_size=16, mode="train", rank=r, world_size=2), num_workers=workers
+        )
+        for r in range(2)
+    ]
+    batches = [list(loader) for loader in loaders]
+    assert len(batches[0]) == len(batches[1]) == len(loaders[0]) == 5  # ceil(70 / 16)
+    keys = [k for rank in batches for b in rank for k, w in zip(b["__key__"], b["weight"], strict=True) if w > 0]
+    assert len(keys) == len(set(keys)) == 140
+    assert all(b["npy"].shape == (16, 28, 28) for rank in batches for b in rank)
+
+
+def test_exact_mode_three_ranks_reads_every_sample_once(sequence):
+    keys, steps = [], set()
+    for r in range(3):
+        loader = TaskLoader(
+            open_task(sequence, 1, "train", batch_size=8, mode="exact", rank=r, world_size=3), num_workers=2
+        )
+        batches = list(loader)
+        steps.add(len(batches))
+        keys += keys_of(batches)
+        padding = sum(int((b["weight"] == 0).sum()) for b in batches)
+        assert padding == len(batches) * 8 - loader.stream.plan().num_samples
+    assert len(steps) == 1
+    assert Counter(keys) == Counter({k: 1 for k in keys}) and len(keys) == 140
+
+
+def test_order_is_deterministic_and_epoch_dependent(sequence):
+    def epoch_keys(epoch: int, seed: int = 0) -> list[str]:
+        stream = open_task(sequence, 0, "train", batch_size=16, mode="train", rank=0, world_size=1, seed=seed)
+        stream.set_epoch(epoch)
+        return keys_of(TaskLoader(stream))
+
+    assert epoch_keys(0) == epoch_keys(0)
+    assert epoch_keys(0) != epoch_keys(1)
+    assert sorted(epoch_keys(0)) == sorted(epoch_keys(1))
+    assert epoch_keys(0) != epoch_keys(0, seed=5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_remaining_samples(sequence, workers):
+    def loader() -> TaskLoader:
+        stream = open_task(sequence, 2, "train", batch_size=8, mode="train", rank=1, world_size=2, shuffle_buffer=50)
+        return TaskLoader(stream, num_workers=workers)
+
+    full = loader()
+    uninterrupted = [keys_of([b]) for _ in range(2) for b in full]  # two epochs
+    for stop in (3, 9, 11):  # mid-epoch 0, exactly at the epoch boundary, and in epoch 1
+        first = loader()
+        seen = []
+        for _ in range(2):
+            for b in first:
+                seen.append(keys_of([b]))
+                if len(seen) == stop:
+                    break
+            if len(seen) == stop:
+                break
+        state = first.state_dict()
+        resumed = loader()
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        rest = []
+        while resumed.epoch < 2:
+            rest += [keys_of([b]) for b in resumed]
+        assert seen + rest == uninterrupted, stop
+
+
+def test_truncated_and_missing_shards_raise_naming_url_and_member(sequence, tmp_path):
+    urls = sequence.shard_urls(0, "train")
+    truncated = tmp_path / "truncated.tar"
+    data = Path(urls[0]).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    stream = TaskStream([str(truncated)], [20], batch_size=4, mode="exact", rank=0, world_size=1)
+    with pytest.raises(ShardError, match=r"truncated\.tar \(member exact-|truncated\.tar \(member train-") as err:
+        list(stream)
+    assert err.value.url == str(truncated) and err.value.member
+
+    missing = str(tmp_path / "nope.tar")
+    with pytest.raises(ShardError, match=r"nope\.tar: file not found"):
+        list(TaskStream([missing], [20], batch_size=4, mode="exact", rank=0, world_size=1))
+
+
+def test_skip_mode_keeps_step_count_and_logs(sequence, tmp_path, caplog):
+    urls = sequence.shard_urls(0, "train")
+    broken = tmp_path / "broken.tar"
+    data = Path(urls[1]).read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    stream = TaskStream([urls[0], str(broken), urls[2]], [20, 20, 20], batch_size=8, mode="exact", rank=0,
+                        world_size=1, on_error="skip")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        batches = list(TaskLoader(stream))
+    assert len(batches) == 8  # ceil(60 / 8): the planned count, whatever was lost
+    real = sum(int(b["weight"].sum()) for b in batches)
+    assert 40 <= real < 60
+    assert any("broken.tar" in r.getMessage() for r in caplog.records)
+
+
+def test_s3_through_a_real_s3_api(sequence, fmnist, tmp_path):
+    pytest.importorskip("moto")
+    from inflora_dist.data.local_s3 import moto_s3
+
+    with moto_s3(bucket="cl-data") as options:
+        opts = [a for k, v in options.items() for a in ("-o", f"{k}={json.dumps(v) if isinstance(v, dict) else v}")]
+        main(
+            ["fashion-mnist", "--out", "s3://cl-data/fmnist", "--tasks", "3", "--classes-per-task", "2",
+             "--train-per-class", "70", "--eval-per-class", "10", "--shard-size", "20", "--seed", "1", "--quiet",
+             *opts]
+        )  # fmt: skip
+        remote = load_task_sequence("s3://cl-data/fmnist/tasks.yaml", storage_options=options, check_shards=True)
+        assert remote.shard_urls(0, "train")[0].startswith("s3://cl-data/fmnist/train/")
+        for t in range(3):
+            local_batches = list(
+                TaskLoader(open_task(sequence, t, "train", batch_size=16, mode="train", rank=0, world_size=1))
+            )
+            remote_batches = list(
+                TaskLoader(open_task(remote, t, "train", batch_size=16, mode="train", rank=0, world_size=1))
+            )
+            assert len(local_batches) == len(remote_batches)
+            for a, b in zip(local_batches, remote_batches, strict=True):
+                assert a["__key__"] == b["__key__"]
+                assert torch.equal(a["npy"], b["npy"]) and torch.equal(a["cls"], b["cls"])
+        index = remote.load_index()
+        local_index = sequence.load_index()
+        assert index["shards"] == local_index["shards"]  # same bytes, same checksums
+
+
+def test_cli_help_lists_sources():
+    out = subprocess.run([sys.executable, "-m", "inflora_dist.data.build_shards", "--help"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    for command in ("fashion-mnist", "arrays", "jsonl"):
+        assert command in out
+
+
+def test_arrays_source(tmp_path, fmnist):
+    for split in ("train", "eval"):
+        np.save(tmp_path / f"{split}_x.npy", fmnist[f"{split}_images"][:400])
+        np.save(tmp_path / f"{split}_y.npy", fmnist[f"{split}_labels"][:400])
+    config = main(
+        ["arrays", "--train-images", str(tmp_path / "train_x.npy"), "--train-labels", str(tmp_path / "train_y.npy"),
+         "--eval-images", str(tmp_path / "eval_x.npy"), "--eval-labels", str(tmp_path / "eval_y.npy"),
+         "--out", str(tmp_path / "out"), "--tasks", "5", "--classes-per-task", "2", "--quiet"]
+    )  # fmt: skip
+    assert sum(t.train.samples for t in config.tasks) == 400
+    assert asdict(load_task_sequence(str(tmp_path / "out" / "tasks.yaml"))) == asdict(config)
+    shutil.rmtree(tmp_path / "out")
