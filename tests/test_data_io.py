@@ -105,8 +105,9 @@ def test_exact_mode_three_ranks_reads_every_sample_once(sequence):
         batches = list(loader)
         steps.add(len(batches))
         keys += keys_of(batches)
+        plan = loader.stream.plan()
         padding = sum(int((b["weight"] == 0).sum()) for b in batches)
-        assert padding == len(batches) * 8 - loader.stream.plan().num_samples
+        assert padding == len(batches) * 8 - sum(len(plan.run(k)) for k in range(plan.num_batches))
     assert len(steps) == 1
     assert Counter(keys) == Counter({k: 1 for k in keys}) and len(keys) == 140
 
@@ -126,7 +127,7 @@ def test_order_is_deterministic_and_epoch_dependent(sequence):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_yields_exactly_the_remaining_samples(sequence, workers):
     def loader() -> TaskLoader:
-        stream = open_task(sequence, 2, "train", batch_size=8, mode="train", rank=1, world_size=2, shuffle_buffer=50)
+        stream = open_task(sequence, 2, "train", batch_size=8, mode="train", rank=1, world_size=2)
         return TaskLoader(stream, num_workers=workers)
 
     full = loader()
@@ -228,3 +229,21 @@ def test_arrays_source(tmp_path, fmnist):
     assert sum(t.train.samples for t in config.tasks) == 400
     assert asdict(load_task_sequence(str(tmp_path / "out" / "tasks.yaml"))) == asdict(config)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_seeking_by_index_offsets_reads_what_streaming_reads(sequence):
+    """With the index's byte offsets a run is read by seeking; without them by streaming from the start."""
+    seeking = open_task(sequence, 1, "train", batch_size=16, mode="train", rank=1, world_size=2)
+    assert seeking.offsets is not None
+    streaming = TaskStream(seeking.urls, seeking.shard_sizes, batch_size=16, mode="train", rank=1, world_size=2)
+    for a, b in zip(TaskLoader(seeking), TaskLoader(streaming), strict=True):
+        assert a["__key__"] == b["__key__"] and torch.equal(a["npy"], b["npy"])
+
+
+def test_micro_steps_hold_the_same_samples_on_one_and_two_ranks(sequence):
+    one = list(TaskLoader(open_task(sequence, 0, "train", batch_size=16, mode="train", rank=0, world_size=1)))
+    two = [list(TaskLoader(open_task(sequence, 0, "train", batch_size=8, mode="train", rank=r, world_size=2)))
+           for r in range(2)]  # fmt: skip
+    assert len(one) == len(two[0]) == len(two[1])
+    for k, batch in enumerate(one):
+        assert sorted(keys_of([batch])) == sorted(keys_of([two[0][k]]) + keys_of([two[1][k]]))

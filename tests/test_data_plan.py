@@ -1,4 +1,4 @@
-"""The epoch planner: every sample to exactly one rank, equal batch counts, resumable worker blocks."""
+"""The epoch planner: every sample to exactly one rank, equal batch counts, world-size invariant steps."""
 
 from __future__ import annotations
 
@@ -10,30 +10,45 @@ import pytest
 from inflora_dist.data.plan import plan_rank, replay_round_robin, shard_order, worker_blocks
 
 CASES = [
-    ([100] * 7, 2, 16),  # 7 shards over 2 ranks
-    ([100] * 7, 3, 16),
-    ([5, 0, 17, 3, 64, 1], 3, 8),  # uneven, one empty shard
-    ([3], 4, 2),  # fewer samples than ranks
-    ([1000, 1, 999], 2, 64),
+    ([100] * 7, 2, 16, 1),  # 7 shards over 2 ranks
+    ([100] * 7, 3, 16, 2),
+    ([5, 0, 17, 3, 64, 1], 3, 8, 1),  # uneven, one empty shard
+    ([3], 4, 2, 1),  # fewer samples than ranks
+    ([1000, 1, 999], 2, 64, 4),
 ]
 
 
-@pytest.mark.parametrize("sizes,world,batch", CASES)
+def rows(plan, batch):
+    return [(s.shard, i) for s in plan.segments(batch) for i in range(s.start, s.stop)]
+
+
+@pytest.mark.parametrize("sizes,world,batch,accumulation", CASES)
 @pytest.mark.parametrize("seed", [None, 3])
-def test_every_sample_goes_to_exactly_one_rank(sizes, world, batch, seed):
-    seen = []
-    batches = set()
+def test_every_sample_goes_to_exactly_one_rank(sizes, world, batch, accumulation, seed):
+    seen, counts = [], set()
     for rank in range(world):
-        plan = plan_rank(sizes, rank=rank, world_size=world, batch_size=batch, seed=seed, epoch=1)
-        batches.add(plan.num_batches)
-        assert plan.num_batches * batch >= plan.num_samples
-        segments = plan.segments(sizes, 0, plan.num_batches * batch)
-        assert sum(s.stop - s.start for s in segments) == plan.num_samples
-        seen += [(s.shard, i) for s in segments for i in range(s.start, s.stop)]
-    assert len(batches) == 1, "ranks disagree on the number of batches: a collective would deadlock"
+        plan = plan_rank(sizes, rank=rank, world_size=world, batch_size=batch, seed=seed, epoch=1,
+                         multiple_of=accumulation)  # fmt: skip
+        counts.add(plan.num_batches)
+        assert plan.num_batches % accumulation == 0
+        for b in range(plan.num_batches):
+            got = rows(plan, b)
+            assert len(got) == len(plan.run(b)) <= batch
+            seen += got
+    assert len(counts) == 1, "ranks disagree on the number of batches: a collective would deadlock"
     assert sorted(seen) == sorted((shard, i) for shard, n in enumerate(sizes) for i in range(n))
-    parts = [plan_rank(sizes, rank=r, world_size=world, batch_size=batch).num_samples for r in range(world)]
-    assert max(parts) - min(parts) <= 1
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_micro_steps_cover_the_same_samples_whatever_the_world_size(seed):
+    """Micro-step k of 1 rank x 16 rows holds what micro-step k of 2 ranks x 8 or 4 ranks x 4 hold."""
+    sizes = [37, 50, 13, 64]
+
+    def step_sets(world: int) -> list[set]:
+        plans = [plan_rank(sizes, rank=r, world_size=world, batch_size=16 // world, seed=seed) for r in range(world)]
+        return [set().union(*(rows(p, k) for p in plans)) for k in range(plans[0].num_batches)]
+
+    assert step_sets(1) == step_sets(2) == step_sets(4)
 
 
 def test_shard_order_depends_on_seed_and_epoch_only():
@@ -41,19 +56,6 @@ def test_shard_order_depends_on_seed_and_epoch_only():
     assert shard_order(10, 1, 0) == shard_order(10, 1, 0)
     assert shard_order(10, 1, 0) != shard_order(10, 1, 1)
     assert sorted(shard_order(10, 1, 1)) == list(range(10))
-
-
-def test_segments_of_a_sub_range_are_consistent():
-    """Splitting a rank's positions among workers gives the same samples as reading them all."""
-    sizes = [7, 11, 5, 9]
-    plan = plan_rank(sizes, rank=1, world_size=2, batch_size=4, seed=0, epoch=2)
-    whole = [(s.shard, i) for s in plan.segments(sizes, 0, 100) for i in range(s.start, s.stop)]
-    parts = []
-    for block in worker_blocks(plan.num_batches, 3):
-        parts += [
-            (s.shard, i) for s in plan.segments(sizes, block.start * 4, block.stop * 4) for i in range(s.start, s.stop)
-        ]
-    assert parts == whole
 
 
 @pytest.mark.parametrize("batches,workers", [(10, 1), (10, 3), (7, 4), (2, 4), (0, 2)])
@@ -90,6 +92,8 @@ def test_bad_arguments():
         plan_rank([4], rank=0, world_size=1, batch_size=0)
     with pytest.raises(ValueError, match="sizes"):
         plan_rank([4, -1], rank=0, world_size=1, batch_size=1)
+    with pytest.raises(ValueError, match="multiple_of"):
+        plan_rank([4], rank=0, world_size=1, batch_size=1, multiple_of=0)
 
 
 def test_random_cases():
@@ -97,7 +101,6 @@ def test_random_cases():
     for _ in range(50):
         sizes = [rng.randrange(0, 40) for _ in range(rng.randrange(1, 9))]
         world, batch = rng.randrange(1, 5), rng.randrange(1, 9)
-        counts = {plan_rank(sizes, rank=r, world_size=world, batch_size=batch).num_batches for r in range(world)}
-        assert len(counts) == 1
-        total = sum(plan_rank(sizes, rank=r, world_size=world, batch_size=batch).num_samples for r in range(world))
-        assert total == sum(sizes)
+        plans = [plan_rank(sizes, rank=r, world_size=world, batch_size=batch, seed=1) for r in range(world)]
+        assert len({p.num_batches for p in plans}) == 1
+        assert sum(len(rows(p, b)) for p in plans for b in range(p.num_batches)) == sum(sizes)

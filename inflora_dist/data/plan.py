@@ -1,22 +1,28 @@
-"""Which samples each rank and each DataLoader worker reads: pure arithmetic, no I/O.
+"""Which samples each rank and DataLoader worker reads: pure arithmetic, no I/O.
 
 A task split is a list of shards with known sample counts. For one epoch:
 
 1. The shards are ordered: in index order (exact mode) or permuted by a
-   generator seeded with (seed, epoch) (training mode), identically on every rank.
-2. The concatenated sample sequence is cut into `world_size` contiguous parts
-   whose sizes differ by at most one: every sample belongs to exactly one rank.
-3. Every rank yields the same number of batches, ceil(largest part / batch
-   size), each of exactly `batch_size` rows; rows past a rank's own samples
-   are padding with weight 0. No sample is dropped, and no rank runs out early
-   (which would deadlock the collectives of the others).
+   generator seeded with (seed, epoch) (training mode), identically on every
+   rank. Concatenated, they give the epoch's sample positions 0..N-1.
+2. Micro-step k covers positions [k g, (k + 1) g) with g = batch_size *
+   world_size; rank r reads the run [k g + r b, k g + (r + 1) b). An optimizer
+   step of `a` accumulated micro-steps therefore covers the same samples
+   whatever the number of ranks: runs are world-size invariant.
+3. Every rank yields the same number of batches, rounded up to a multiple of
+   the accumulation steps, each of exactly `batch_size` rows; positions past N
+   are padding with weight 0. No sample is dropped and none read twice, and no
+   rank runs out early (which would deadlock the collectives of the others).
 4. A rank's batches are split into contiguous blocks, one per DataLoader
    worker. The DataLoader interleaves the workers round robin, which
-   `consumed_per_worker` replays to resume mid-epoch.
+   `replay_round_robin` replays to resume mid-epoch.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 import random
 from collections.abc import Sequence
@@ -36,24 +42,40 @@ class Segment:
 class RankPlan:
     """One rank's share of one epoch."""
 
+    shard_sizes: tuple[int, ...]
     order: tuple[int, ...]  # the epoch's shard order
-    start: int  # this rank's first position in the ordered sample sequence
-    num_samples: int  # real samples of this rank
+    rank: int
+    world_size: int
+    batch_size: int  # rows per batch of this rank
     num_batches: int  # the same on every rank
-    batch_size: int
 
-    def segments(self, shard_sizes: Sequence[int], first: int, stop: int) -> list[Segment]:
-        """The shard segments holding this rank's samples at local positions [first, stop)."""
-        lo, hi = self.start + first, self.start + min(stop, self.num_samples)
-        out, offset = [], 0
-        for shard in self.order:
-            size = shard_sizes[shard]
-            s, e = max(lo, offset), min(hi, offset + size)
-            if s < e:
-                out.append(Segment(shard, s - offset, e - offset))
-            offset += size
-            if offset >= hi:
-                break
+    @property
+    def total(self) -> int:
+        """Samples in the epoch (all ranks)."""
+        return sum(self.shard_sizes)
+
+    def run(self, batch: int) -> range:
+        """Epoch positions of this rank's real rows in `batch`."""
+        g = self.batch_size * self.world_size
+        start = batch * g + self.rank * self.batch_size
+        return range(min(start, self.total), min(start + self.batch_size, self.total))
+
+    @functools.cached_property
+    def _ends(self) -> list[int]:
+        return list(itertools.accumulate(self.shard_sizes[s] for s in self.order))  # cumulative, in epoch order
+
+    def segments(self, batch: int) -> list[Segment]:
+        """Shard segments holding this rank's real rows of `batch`, in order."""
+        run, ends = self.run(batch), self._ends
+        out, pos = [], run.start
+        i = bisect.bisect_right(ends, pos)
+        while pos < run.stop:
+            shard_start = ends[i - 1] if i else 0
+            stop = min(run.stop, ends[i])
+            if stop > pos:
+                out.append(Segment(self.order[i], pos - shard_start, stop - shard_start))
+            pos = stop
+            i += 1
         return out
 
 
@@ -73,23 +95,25 @@ def plan_rank(
     batch_size: int,
     seed: int | None = None,
     epoch: int = 0,
+    multiple_of: int = 1,
 ) -> RankPlan:
-    """This rank's contiguous share of the epoch's sample sequence and the common batch count."""
+    """This rank's runs of the epoch; the batch count is rounded up to a multiple of `multiple_of`."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     if any(s < 0 for s in shard_sizes):
         raise ValueError(f"shard sizes must be >= 0, got {list(shard_sizes)}")
-    total = sum(shard_sizes)
-    start, stop = rank * total // world_size, (rank + 1) * total // world_size
-    largest = math.ceil(total / world_size)
+    steps = math.ceil(sum(shard_sizes) / (batch_size * world_size))
     return RankPlan(
+        shard_sizes=tuple(shard_sizes),
         order=shard_order(len(shard_sizes), seed, epoch),
-        start=start,
-        num_samples=stop - start,
-        num_batches=math.ceil(largest / batch_size),
+        rank=rank,
+        world_size=world_size,
         batch_size=batch_size,
+        num_batches=math.ceil(steps / multiple_of) * multiple_of,
     )
 
 

@@ -2,14 +2,15 @@
 
 `TaskStream` is an IterableDataset of ready batches. `plan.py` decides which
 samples each rank and DataLoader worker reads; this module opens the shards
-through fsspec, walks them with webdataset's tar iterators, decodes the safe
-formats only (never pickles), and pads batches so every rank takes the same
-number of steps.
+through fsspec (seeking to each run with the index's byte offsets), walks them
+with webdataset's tar iterators, decodes the safe formats only (never
+pickles), and pads batches so every rank takes the same number of steps.
 
 Modes:
-  * "train": shard order permuted per (seed, epoch), then a seeded shuffle buffer;
-  * "exact": index order, no shuffle: every sample exactly once across ranks
-    (covariance and evaluation passes).
+  * "train": shard order permuted per (seed, epoch); the shard builder already
+    shuffled each task's samples before writing them;
+  * "exact": index order: every sample exactly once across ranks (covariance
+    and evaluation passes).
 
 Every batch has exactly `batch_size` rows and a `weight` tensor: 1 for real
 samples, 0 for padding rows (copies of a real sample).
@@ -19,10 +20,8 @@ from __future__ import annotations
 
 import functools
 import io
-import itertools
 import json
 import logging
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -128,65 +127,89 @@ def collate(rows: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> dict
 
 
 # ---------------------------------------------------------------- reading
-def read_segment(url: str, segment: Segment, storage_options: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Raw samples (undecoded bytes) [start, stop) of one shard. Raises ShardError naming url and member.
+def read_samples(stream: Any, url: str, skip: int, count: int) -> list[dict[str, Any]]:
+    """`count` raw samples (undecoded bytes) after skipping `skip`, from `stream`'s current position.
 
     Members are grouped into samples by key as webdataset does (consecutive
-    members sharing `base_plus_ext`'s key), inline for speed.
+    members sharing `base_plus_ext`'s key), inline for speed. Raises
+    ShardError naming the url and the member being read.
     """
-    member, sample, position = None, None, 0
+    member, sample, out, position = None, None, [], 0
+
+    def emit(done: dict[str, Any]) -> bool:
+        nonlocal position
+        if position >= skip:
+            out.append(done)
+        position += 1
+        return len(out) >= count
+
     try:
-        with fsspec.open(url, "rb", **storage_options) as stream:
-            for item in tar_file_iterator(
-                stream, skip_meta=None
-            ):  # no per-member regex; keyless names are skipped below
-                member = item["fname"]
-                key, ext = base_plus_ext(member)
-                if key is None:
-                    continue
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None:
-                        if position >= segment.start:
-                            yield sample
-                        position += 1
-                        if position >= segment.stop:
-                            return
-                    sample = {"__key__": key, "__url__": url}
-                sample[ext.lower()] = item["data"]
-        if sample is not None:
-            if position >= segment.start:
-                yield sample
-            position += 1
-    except FileNotFoundError:
-        raise ShardError(url, None, "file not found") from None
-    except Exception as err:  # tarfile, network and decoding errors all end here
+        # skip_meta=None: no per-member regex; keyless names (webdataset's __meta__ files) are skipped below.
+        for item in tar_file_iterator(stream, skip_meta=None):
+            member = item["fname"]
+            key, ext = base_plus_ext(member)
+            if key is None:
+                continue
+            if sample is not None and key != sample["__key__"] and emit(sample):
+                return out
+            if sample is None or key != sample["__key__"]:
+                sample = {"__key__": key, "__url__": url}
+            sample[ext.lower()] = item["data"]
+        if sample is not None and len(out) < count:
+            emit(sample)
+    except Exception as err:  # tarfile, network and format errors all end here
         raise ShardError(url, member, f"{type(err).__name__}: {err}") from err
-    if position < segment.stop:
-        raise ShardError(url, member, f"has {position} samples, the index says at least {segment.stop}")
+    if len(out) < count:
+        raise ShardError(url, member, f"ended after {position} samples, {skip + count} expected")
+    return out
 
 
-def shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """A seeded shuffle buffer of `size` samples (size <= 1: no shuffling)."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= size:
-            i = rng.randrange(len(buffer))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
+class ShardReader:
+    """Reads segments of a split's shards through fsspec, keeping the last shard open.
+
+    With per-sample byte offsets (from the index) a segment is read by seeking
+    to its first sample; without them the shard is streamed from its start.
+    """
+
+    def __init__(
+        self, urls: Sequence[str], offsets: Sequence[Sequence[int]] | None, storage_options: Mapping[str, Any]
+    ) -> None:
+        self.urls, self.offsets, self.storage_options = urls, offsets, storage_options
+        self._url: str | None = None
+        self._file: Any = None
+
+    def read(self, segment: Segment) -> list[dict[str, Any]]:
+        """The raw samples of one segment."""
+        url = self.urls[segment.shard]
+        if url != self._url:
+            self.close()
+            try:
+                self._file = fsspec.open(url, "rb", **self.storage_options).open()
+            except FileNotFoundError:
+                raise ShardError(url, None, "file not found") from None
+            except Exception as err:
+                raise ShardError(url, None, f"{type(err).__name__}: {err}") from err
+            self._url = url
+        offsets = self.offsets[segment.shard] if self.offsets else None
+        self._file.seek(offsets[segment.start] if offsets else 0)
+        skip = 0 if offsets else segment.start
+        return read_samples(self._file, url, skip, segment.stop - segment.start)
+
+    def close(self) -> None:
+        """Close the open shard, if any."""
+        if self._file is not None:
+            self._file.close()
+        self._url = self._file = None
 
 
 class TaskStream(IterableDataset):
     """Batches of one task split for this rank (and, inside a DataLoader, for this worker).
 
-    Deterministic given (seed, epoch, world size, number of workers). Use
-    `set_epoch` before each epoch and `resume(n)` to skip the n batches this
-    rank already consumed in the epoch (normally through `TaskLoader`).
+    Deterministic given (seed, epoch, number of workers); the rows of each
+    micro-step across all ranks do not depend on the number of ranks (see
+    plan.py). Use `set_epoch` before each epoch and `resume(n)` to skip the n
+    batches this rank already consumed in the epoch (normally through
+    `TaskLoader`); skipping reads nothing.
     """
 
     def __init__(
@@ -197,11 +220,12 @@ class TaskStream(IterableDataset):
         batch_size: int,
         mode: str = "train",
         seed: int = 0,
+        offsets: Sequence[Sequence[int]] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        accumulation: int = 1,
         storage_options: Mapping[str, Any] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        shuffle_buffer: int = 1000,
         on_error: str = "raise",
     ) -> None:
         super().__init__()
@@ -211,17 +235,20 @@ class TaskStream(IterableDataset):
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if len(urls) != len(shard_sizes) or not urls:
             raise ValueError(f"need one sample count per shard URL, got {len(urls)} URLs and {len(shard_sizes)} counts")
+        if offsets is not None and [len(o) for o in offsets] != [int(s) for s in shard_sizes]:
+            raise ValueError("need one byte offset per sample of every shard")
         self.urls, self.shard_sizes = list(urls), [int(s) for s in shard_sizes]
-        self.batch_size, self.mode, self.seed = batch_size, mode, seed
+        self.offsets = [list(o) for o in offsets] if offsets is not None else None
+        self.batch_size, self.mode, self.seed, self.accumulation = batch_size, mode, seed, accumulation
         self.rank = dist.get_rank() if rank is None else rank
         self.world_size = dist.get_world_size() if world_size is None else world_size
         self.storage_options = dict(storage_options or {})
-        self.transform, self.shuffle_buffer, self.on_error = transform, shuffle_buffer, on_error
+        self.transform, self.on_error = transform, on_error
         self.epoch, self.consumed = 0, 0
         self.plan()  # validates rank, world size and batch size now, not in a worker
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shard order and shuffle seed); starts it from its first batch."""
+        """Select the epoch (shard order); starts it from its first batch."""
         self.epoch, self.consumed = epoch, 0
 
     def resume(self, consumed: int) -> None:
@@ -232,36 +259,43 @@ class TaskStream(IterableDataset):
 
     def plan(self) -> RankPlan:
         """This rank's share of the current epoch."""
-        seed = self.seed if self.mode == "train" else None
         return plan_rank(
             self.shard_sizes,
             rank=self.rank,
             world_size=self.world_size,
             batch_size=self.batch_size,
-            seed=seed,
+            seed=self.seed if self.mode == "train" else None,
             epoch=self.epoch,
+            multiple_of=self.accumulation,
         )
 
     def __len__(self) -> int:
         return self.plan().num_batches
 
-    def _raw_samples(self, segments: Sequence[Segment]) -> Iterator[dict[str, Any]]:
-        for seg in segments:
-            url = self.urls[seg.shard]
-            try:
-                yield from read_segment(url, seg, self.storage_options)
-            except ShardError as err:
-                if self.on_error == "raise":
-                    raise
-                logger.warning("skipping the rest of a shard (%s); its rows become zero-weight padding", err)
-
-    def _padding_row(self) -> dict[str, Any]:
-        first = Segment(self.plan().order[0], 0, 1)
-        return self._decode(next(read_segment(self.urls[first.shard], first, self.storage_options)))
-
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         sample = decode_sample(raw)
         return self.transform(sample) if self.transform else sample
+
+    def _rows(self, reader: ShardReader, plan: RankPlan, batch: int) -> list[dict[str, Any]]:
+        rows = []
+        for segment in plan.segments(batch):
+            try:
+                rows += reader.read(segment)
+            except ShardError as err:
+                if self.on_error == "raise":
+                    raise
+                logger.warning(
+                    "skipping %d samples (%s); their rows become zero-weight padding",
+                    len(range(segment.start, segment.stop)),
+                    err,
+                )
+                reader.close()
+        return rows
+
+    def _first_sample(self, reader: ShardReader) -> dict[str, Any]:
+        """Any real sample: the template of padding rows when a worker has none of its own."""
+        shard = next(i for i, n in enumerate(self.shard_sizes) if n > 0)
+        return self._decode(reader.read(Segment(shard, 0, 1))[0])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -269,28 +303,18 @@ class TaskStream(IterableDataset):
         plan = self.plan()
         blocks = worker_blocks(plan.num_batches, workers)
         done, first_asked = replay_round_robin(blocks, self.consumed)
-        worker = (first_asked + loader_worker) % workers  # so the resumed round robin continues the sequence
-        block, skip = blocks[worker], done[worker]
-        bs = self.batch_size
-        raw = self._raw_samples(plan.segments(self.shard_sizes, block.start * bs, block.stop * bs))
-        if self.mode == "train":
-            rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
-            raw = shuffled(raw, self.shuffle_buffer, rng)
+        worker = (first_asked + loader_worker) % workers  # so a resumed round robin continues the sequence
+        reader = ShardReader(self.urls, self.offsets, self.storage_options)
         template = None
-        padded = 0
-        for b in range(len(block)):
-            rows = list(itertools.islice(raw, bs))  # raw bytes: cheap to skip
-            if b < skip:
-                continue
-            decoded = [self._decode(r) for r in rows]
-            if len(decoded) < bs:
-                if template is None:
-                    template = decoded[0] if decoded else self._padding_row()
-                padded += bs - len(decoded)
-            weights = [1.0] * len(decoded) + [0.0] * (bs - len(decoded))
-            yield collate(decoded + [template] * (bs - len(decoded)), weights)
-        if padded and self.mode == "train":
-            logger.debug("rank %d worker %d: %d padding rows this epoch", self.rank, worker, padded)
+        try:
+            for batch in blocks[worker][done[worker] :]:
+                rows = [self._decode(r) for r in self._rows(reader, plan, batch)]
+                missing = self.batch_size - len(rows)
+                if missing:
+                    template = template or (rows[0] if rows else self._first_sample(reader))
+                yield collate(rows + [template] * missing, [1.0] * len(rows) + [0.0] * missing)
+        finally:
+            reader.close()
 
 
 class TaskLoader:
@@ -359,17 +383,26 @@ def open_task(
     index = index if index is not None else sequence.load_index()
     urls = sequence.shard_urls(task_index, split)
     root = sequence.root.rstrip("/") + "/"
-    sizes = []
+    entries = []
     for url in urls:
-        key = url[len(root) :] if sequence.root and url.startswith(root) else url
-        entry = index["shards"].get(key)
+        entry = index["shards"].get(url[len(root) :] if sequence.root and url.startswith(root) else url)
         if entry is None:
             raise ValueError(f"shard {url} is not in the index {sequence.url(sequence.index)}")
-        sizes.append(int(entry["samples"]))
+        entries.append(entry)
+    sizes = [int(e["samples"]) for e in entries]
+    offsets = [e["offsets"] for e in entries] if all("offsets" in e for e in entries) else None
     expected = getattr(sequence.tasks[task_index], split).samples
     if sum(sizes) != expected:
         raise ValueError(
             f"task {sequence.tasks[task_index].name!r} {split}: the spec says {expected} samples, "
             f"its shards hold {sum(sizes)}"
         )
-    return TaskStream(urls, sizes, batch_size=batch_size, mode=mode, storage_options=sequence.storage_options, **kwargs)
+    return TaskStream(
+        urls,
+        sizes,
+        offsets=offsets,
+        batch_size=batch_size,
+        mode=mode,
+        storage_options=sequence.storage_options,
+        **kwargs,
+    )

@@ -6,7 +6,7 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
@@ -17,12 +17,14 @@ INDEX_VERSION = 1
 
 @dataclass
 class ShardInfo:
-    """One written shard: its path relative to the dataset root, sample count, size and sha256."""
+    """One written shard: its path relative to the dataset root, sample count, size, sha256,
+    and the byte offset of each sample's first tar header (so a reader can seek to any sample)."""
 
     path: str
     samples: int
     bytes: int
     sha256: str
+    offsets: list[int] = field(default_factory=list)
 
 
 class _HashingFile:
@@ -60,7 +62,7 @@ class ShardWriter:
         self._raw = self.fs.open(path, "wb")
         self._hashing = _HashingFile(self._raw)
         self._tar = webdataset.TarWriter(self._hashing, mtime=0, compress=False)  # an int mtime: no PAX headers
-        self.shards.append(ShardInfo(rel, 0, 0, ""))
+        self.shards.append(ShardInfo(rel, 0, 0, "", []))
         self._count = 0
 
     def _close_current(self) -> None:
@@ -77,6 +79,7 @@ class ShardWriter:
         if self._tar is None or self._count >= self.max_samples:
             self._close_current()
             self._open_next()
+        self.shards[-1].offsets.append(self._tar.tarstream.offset)  # logical tar position of this sample
         self._tar.write(dict(sample))
         self._count += 1
 
@@ -99,7 +102,7 @@ def write_index(
     storage_options: Mapping[str, Any] | None = None,
     name: str = "index.json",
 ) -> dict:
-    """Write `root/index.json`: per shard {samples, bytes, sha256}, per task {split: samples}."""
+    """Write `root/index.json`: per shard {samples, bytes, sha256, offsets}, per task {split: samples}."""
     index = {
         "version": INDEX_VERSION,
         "shards": {s.path: {k: v for k, v in asdict(s).items() if k != "path"} for s in shards},
