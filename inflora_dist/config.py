@@ -7,7 +7,8 @@ the wrong type says which field rejected it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -51,3 +52,177 @@ def merge_structured(schema: type[T], *sources: Mapping | DictConfig, overrides:
         raise ValueError(f"bad value for {err.full_key!r}: {err.msg.splitlines()[0]}") from None
     result: Any = OmegaConf.to_object(merged)
     return result
+
+
+# ----------------------------------------------------------------------------- run config
+@dataclass
+class ModelConfig:
+    """The backbone: a local transformers checkpoint (`pretrained`) or one built from `config` (tiny tests).
+
+    Images arrive as uint8 (H, W[, C]); they are scaled to [0, 1], given
+    `channels` channels (grey is repeated), resized to `image_size` and
+    normalised with `mean`/`std`.
+    """
+
+    kind: str = "vit"
+    pretrained: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    image_size: int = 224
+    channels: int = 3
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class InfLoRAConfig:
+    """The method: which layers get branches, their rank, and the DualGPM thresholds."""
+
+    targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    rank: int = 10
+    lambda_begin: float = 0.95
+    lambda_end: float = 1.0
+    fold: str = "merge"
+    reduce: str = "all_reduce"
+    accumulation_dtype: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of each task (Adam and a per-task cosine schedule, as in the reference)."""
+
+    global_batch_size: int = 32
+    max_micro_batch_size: int | None = None
+    epochs: int = 1
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class DeepSpeedSettings:
+    """ZeRO stage (0, 1, 2 or 3) and CPU offload select one of the JSON templates in `config_dir`."""
+
+    zero_stage: int = 0
+    offload: bool = False
+    config_dir: str = "configs/deepspeed"
+
+
+@dataclass
+class DataConfig:
+    """The task sequence (a tasks.yaml written by build_shards) and, optionally, how to build it first."""
+
+    tasks: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    build: dict[str, Any] | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints go to `<output_dir>/checkpoints` after every task and every `every_steps` steps (0: never)."""
+
+    every_steps: int = 0
+    keep: int = 2
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging from rank 0; mode offline needs no network."""
+
+    enabled: bool = False
+    project: str = "inflora-dist"
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "offline"
+
+
+@dataclass
+class RunConfig:
+    """Everything one continual-learning run needs; keys follow the module that reads them."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    method: str = "inflora"
+    resume: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inflora: InfLoRAConfig = field(default_factory=InfLoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+_CHOICES = {
+    "method": ("inflora",),
+    "model.kind": ("vit",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "inflora.fold": ("merge", "stack"),
+    "inflora.reduce": ("all_reduce", "owner"),
+    "inflora.accumulation_dtype": ("auto", "float32", "float64"),
+    "train.optimizer": ("adam", "sgd"),
+    "train.precision": ("fp32", "bf16"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Check values before any heavy work; errors name the key and the allowed range."""
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
+    positive = ("inflora.rank", "train.global_batch_size", "train.epochs", "train.eval_batch_size", "model.image_size")
+    for key in positive:
+        if not isinstance(_get(cfg, key), int) or _get(cfg, key) < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {_get(cfg, key)!r}")
+    for key in ("inflora.lambda_begin", "inflora.lambda_end"):
+        if not 0.0 < _get(cfg, key) <= 1.0:
+            raise ValueError(f"{key} must be in (0, 1], got {_get(cfg, key)!r}")
+    for key in ("train.lr", "train.weight_decay", "train.grad_clip", "train.momentum"):
+        if _get(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.train.max_micro_batch_size is not None and cfg.train.max_micro_batch_size < 1:
+        raise ValueError(f"train.max_micro_batch_size must be >= 1 or null, got {cfg.train.max_micro_batch_size!r}")
+    if cfg.checkpoint.keep < 1 or cfg.checkpoint.every_steps < 0:
+        raise ValueError(f"checkpoint.keep must be >= 1 and checkpoint.every_steps >= 0, got {cfg.checkpoint}")
+    if cfg.train.num_workers < 0:
+        raise ValueError(f"train.num_workers must be >= 0, got {cfg.train.num_workers}")
+    if len(cfg.model.mean) != cfg.model.channels or len(cfg.model.std) != cfg.model.channels:
+        raise ValueError(f"model.mean and model.std need {cfg.model.channels} values (model.channels)")
+    if cfg.model.pretrained is None and not cfg.model.config:
+        raise ValueError("model.pretrained (a local checkpoint dir) or model.config (a transformers config) is needed")
+    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_dir():
+        raise FileNotFoundError(f"model.pretrained: {cfg.model.pretrained} is not a directory")
+    if not cfg.data.tasks:
+        raise ValueError("data.tasks (the task-sequence YAML) is required")
+    if cfg.data.build is None and "://" not in cfg.data.tasks and not Path(cfg.data.tasks).exists():
+        raise FileNotFoundError(f"data.tasks: {cfg.data.tasks} does not exist (and data.build is not set)")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise FileNotFoundError(f"resume: {cfg.resume} is neither auto, never, nor a checkpoint directory")
+
+
+def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config from a YAML file (or defaults) plus dotlist overrides, validated."""
+    sources = [read_yaml(path)] if path else []
+    cfg = merge_structured(RunConfig, *sources, overrides=overrides)
+    validate_run_config(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The YAML text of a config dataclass (what a run writes next to its outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -34,7 +34,8 @@ class CovarianceCollector:
     hook per group is enough: its members read the same tensor). Use
     `capturing()` around the pass and `token_mask(mask)` around each batch whose
     tokens carry padding: `mask` has the shape of the input without its last
-    dimension (e.g. (batch, seq)), 1 for real tokens, 0 for padding.
+    dimension (e.g. (batch, seq)), or a leading part of it ((batch,) weights
+    whole rows); 1 for real tokens, 0 for padding.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], dims: Mapping[str, int], dtype: torch.dtype | None = None):
@@ -75,11 +76,14 @@ class CovarianceCollector:
                 count += x.shape[0]
                 return
             mask = self._mask
-            if mask.numel() != x.shape[0]:
+            lead = args[0].shape[:-1]  # (batch, seq) for transformers
+            if tuple(mask.shape) != tuple(lead[: mask.ndim]):
                 raise ValueError(
                     f"token mask of shape {tuple(mask.shape)} does not fit the input of group {group!r} "
-                    f"({x.shape[0]} tokens)"
+                    f"(shape {tuple(args[0].shape)})"
                 )
+            # A per-row mask (batch,) covers every token of its row.
+            mask = mask.reshape(*mask.shape, *([1] * (len(lead) - mask.ndim))).expand(lead)
             w = mask.reshape(-1, 1).to(device=x.device, dtype=x.dtype)  # (tokens, 1), 0 for padding
             total.addmm_((x * w).T, x)  # sum_n w_n x_n x_n^T without a host sync on the mask
             count += w.sum()

@@ -159,6 +159,17 @@ class InfLoRALinear(nn.Module):
         self._add_to_weight(task_id, 1.0)
         self._set_status(task_id, MERGED)
 
+    def reapply_merges(self) -> None:
+        """Add the MERGED branches to the base weight again.
+
+        For restoring a checkpoint onto freshly loaded pre-trained weights: the
+        adapter state says which branches are merged, the base weight does not
+        hold them yet. Same order as the original merges, so the same result.
+        """
+        for task_id, status in enumerate(self._status):
+            if status == MERGED:
+                self._add_to_weight(task_id, 1.0)
+
     def unmerge(self, task_id: int) -> None:
         """Take the branch of `task_id` back out of the base weight (inverse of `merge`)."""
         self._check_task(task_id)

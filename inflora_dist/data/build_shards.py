@@ -25,8 +25,9 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
+from inflora_dist.config import to_yaml
 from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
-from inflora_dist.data.spec import METRICS, InstructionSpec, SplitSpec, TaskSequenceConfig, TaskSpec, to_yaml, validate
+from inflora_dist.data.spec import METRICS, InstructionSpec, SplitSpec, TaskSequenceConfig, TaskSpec, validate
 
 logger = logging.getLogger(__name__)
 

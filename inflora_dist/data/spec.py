@@ -190,8 +190,3 @@ def check_shards_exist(config: TaskSequenceConfig) -> None:
                     missing.append(url)
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) missing: {missing[:10]}")
-
-
-def to_yaml(config: TaskSequenceConfig) -> str:
-    """The YAML text of a task sequence (what build_shards writes)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))

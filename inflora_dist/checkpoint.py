@@ -1,0 +1,125 @@
+"""Checkpoints: the DeepSpeed engine (mid-task only) plus our continual state, written atomically.
+
+Layout of `<output_dir>/checkpoints/<NNNNNN-taskT-label>/`:
+
+    state.safetensors   adapters (A, B, task status), heads, subspace bases
+    state.json          task index, phase, step counters, data position, metrics, W&B id, memory modes
+    rng.<rank>.json     each rank's RNG states (torch state as a list of bytes)
+    engine/             DeepSpeed's own files (optimizer and schedule; mid-task checkpoints only)
+    manifest.json       sha256 of every file above; written last
+
+A checkpoint is written to a hidden temp directory and renamed into place
+when complete, so a crash never leaves a half checkpoint that looks whole;
+only the newest `keep` are kept. Loading verifies the manifest first. Our own
+files hold tensors and JSON only (nothing is unpickled); DeepSpeed unpickles
+its engine files itself, so a checkpoint directory must be trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from inflora_dist import dist
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python and torch RNG states, JSON-serialisable."""
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states saved by `rng_state`."""
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+class Checkpointer:
+    """Writes and finds checkpoints under `root`, keeping the newest `keep`."""
+
+    def __init__(self, root: str | Path, keep: int = 2) -> None:
+        self.root, self.keep = Path(root), keep
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints (with a manifest), oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).exists())
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, if any."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, label: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], engine: Any = None) -> Path:
+        """Write one checkpoint. Collective: every rank calls it (each writes its RNG state and engine shard)."""
+        done = self.complete()
+        number = int(done[-1].name.split("-")[0]) + 1 if done else 0
+        name = f"{number:06d}-{label}"
+        tmp = self.root / f".tmp-{name}"
+        if dist.is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()  # collective: the directory exists for everyone
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / "engine"), tag="engine")  # collective
+        (tmp / f"rng.{dist.get_rank()}.json").write_text(json.dumps(rng_state()))
+        dist.barrier()  # collective: every rank's files are written
+        if dist.is_main_process():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp, self.root / name)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()  # collective: the checkpoint is in place before anyone goes on
+        return self.root / name
+
+    @staticmethod
+    def verify(path: Path) -> None:
+        """Check every file against the manifest; raise naming the first mismatch."""
+        manifest = json.loads((path / MANIFEST).read_text())
+        for rel, digest in manifest.items():
+            file = path / rel
+            if not file.exists():
+                raise RuntimeError(f"checkpoint {path} is missing {rel}")
+            if _sha256(file) != digest:
+                raise RuntimeError(f"checkpoint {path}: {rel} does not match its manifest checksum")
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Our state of a verified checkpoint (tensors, meta), and this rank's RNG restored."""
+        Checkpointer.verify(path)
+        rng = path / f"rng.{dist.get_rank()}.json"
+        if rng.exists():
+            set_rng_state(json.loads(rng.read_text()))
+        return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())

@@ -1,0 +1,120 @@
+"""DeepSpeed in one place: process group start-up, the engine of one task, its config.
+
+The engine is rebuilt at every task boundary: the trainable set changes (B_t
+and head t), and the reference restarts Adam and the cosine schedule at every
+task. A fresh `deepspeed.initialize` gives exactly that at every ZeRO stage,
+with none of the manual resets (zeroing the fp32 master copy, clearing the
+optimizer state) that keeping one engine would need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from inflora_dist.config import RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """Start the process group (gloo on CPU, NCCL on GPUs) under deepspeed, torchrun or plain python.
+
+    Plain `python` gets the environment of a one-process group (DeepSpeed would
+    otherwise look for MPI). Returns this process's device.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def batch_layout(global_batch: int, world_size: int, max_micro: int | None) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) giving `global_batch` samples per optimizer step.
+
+    The global batch is split over ranks, then into the fewest accumulation
+    steps whose micro batch fits `max_micro`.
+    """
+    if global_batch % world_size:
+        raise ValueError(f"train.global_batch_size={global_batch} does not divide over {world_size} processes")
+    per_rank = global_batch // world_size
+    cap = max_micro or per_rank
+    accumulation = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= cap)
+    return per_rank // accumulation, accumulation
+
+
+def deepspeed_config(cfg: RunConfig, micro: int, accumulation: int, world_size: int) -> dict[str, Any]:
+    """The JSON template selected by `deepspeed.zero_stage` / `deepspeed.offload`, filled from the run config."""
+    stage, offload = cfg.deepspeed.zero_stage, cfg.deepspeed.offload
+    if offload and stage not in (2, 3):
+        raise ValueError(f"deepspeed.offload needs deepspeed.zero_stage 2 or 3, got {stage}")
+    name = f"zero{stage}{'_offload' if offload else ''}.json"
+    directory = Path(cfg.deepspeed.config_dir)
+    path = directory / name if directory.is_absolute() or (directory / name).exists() else REPO_ROOT / directory / name
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found (deepspeed.config_dir={cfg.deepspeed.config_dir})")
+    ds = json.loads(path.read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro * accumulation * world_size,
+        gradient_clipping=cfg.train.grad_clip,  # DeepSpeed's own default is 1.0: always set it
+    )
+    if cfg.train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """The reference's per-task cosine decay lr * cos(pi/2 * progress), from 1 to 0 over the task."""
+    return math.cos(math.pi / 2 * min(step, total) / max(total, 1))
+
+
+def build_engine(
+    model: nn.Module,
+    param_groups: list[dict[str, Any]],
+    cfg: RunConfig,
+    micro: int,
+    accumulation: int,
+    total_steps: int,
+) -> deepspeed.DeepSpeedEngine:
+    """A DeepSpeed engine training `param_groups` with a fresh optimizer and a cosine schedule over `total_steps`.
+
+    Collective: every rank calls it.
+    """
+    t = cfg.train
+    if t.optimizer == "adam":
+        optimizer = torch.optim.Adam(param_groups, lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps))
+    world = tdist.get_world_size()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, micro, accumulation, world),
+    )
+    return engine

@@ -1,0 +1,260 @@
+"""Export a continual run: the subspace state for analysis or reuse, and the adapter in PEFT's LoRA format.
+
+Two exports:
+
+* `export_continual_state` writes every input group's designed down-projections
+  A_t and its protected old-task basis as safetensors, with a JSON sidecar of the
+  DualGPM bookkeeping (mode, thresholds, members, task names).
+* `export_peft_adapter` writes the accumulated adapter, sum_t B_t A_t over every
+  started task, as a plain PEFT LoRA adapter: per wrapped layer the tasks' factors
+  are concatenated, lora_A = [A_0; ...; A_t] (r n, d_in) and
+  lora_B = [B_0, ..., B_t] (d_out, r n), so that lora_B @ lora_A = sum_t B_t A_t,
+  with scaling lora_alpha / r = 1. `peft.PeftModel.from_pretrained(base, directory)`
+  on the *original* pre-trained model then computes what the InfLoRA model does.
+
+Neither function imports peft: the adapter files are written directly, in the
+layout PEFT's `save_pretrained` produces (checked against peft 0.21 in the tests).
+
+Both functions read only what every rank holds (A is a buffer, the memories are
+broadcast by `InfLoRA`), except B under DeepSpeed ZeRO-3, which
+`export_peft_adapter` gathers: under ZeRO-3 call it on every rank. Only the main
+process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from inflora_dist import dist
+from inflora_dist.continual import InfLoRA
+from inflora_dist.inject import InjectionReport
+from inflora_dist.layer import FROZEN, MERGED, TRAINING, UNUSED, InfLoRALinear
+
+#: Format tag and version of the continual-state sidecar.
+CONTINUAL_STATE_FORMAT = "inflora_dist.continual_state"
+CONTINUAL_STATE_VERSION = 1
+
+#: File names of a PEFT adapter directory.
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+_STATUS_NAMES = {UNUSED: "unused", TRAINING: "training", FROZEN: "frozen", MERGED: "merged"}
+
+
+def _started_tasks(layer: InfLoRALinear) -> list[int]:
+    """Tasks whose A was installed: training, frozen or merged (in task order)."""
+    return [t for t in range(layer.num_tasks) if layer.status(t) != UNUSED]
+
+
+def _tensor_out(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A detached, contiguous CPU copy that owns its memory (safetensors refuses views of shared storage)."""
+    out = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
+    return out.clone(memory_format=torch.contiguous_format)
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- continual state
+def sidecar_path(path: str | Path) -> Path:
+    """Where `export_continual_state` writes the JSON sidecar of `path`: the same name with suffix `.json`."""
+    return Path(path).with_suffix(".json")
+
+
+def export_continual_state(inflora: InfLoRA, path: str | Path, task_names: Sequence[str] | None = None) -> None:
+    """Write each input group's A_t and old-task basis to `path` (safetensors) and a JSON sidecar next to it.
+
+    Tensors, per input group `<group>` (names as in `inflora.report.groups`):
+      * `<group>.A.<t>`: the frozen down-projection A_t (rank, d) of every started task t
+        (training, frozen or merged), as stored in the layer buffer (the adapter dtype,
+        float32 by default) of the group's first member; all members share it.
+      * `<group>.old_basis`: the orthonormal basis (d, k) of the protected old-task
+        subspace, float64, from `SubspaceMemory.old_basis()` whichever DualGPM mode the
+        memory stores (in "retain" mode it is computed from the stored free-space basis,
+        so it spans the same subspace but is not the stored tensor). Before any task has
+        ended it has shape (d, 0); safetensors stores empty tensors, so it is always written.
+
+    The sidecar `sidecar_path(path)` (e.g. `continual_state.safetensors` ->
+    `continual_state.json`) holds the task names, the number of finished tasks, each
+    task's status, and per group: mode, dim, protected_dim, lambda_begin, lambda_end,
+    the energy threshold of every task index (0 .. num_tasks - 1), the member module
+    names and the started task indices.
+
+    `task_names` defaults to `task_<t>` for each started task; when given it must name at
+    least every started task and at most `num_tasks` tasks. Raises ValueError when the
+    wrapped layers disagree on the tasks' status (they are started and finished
+    together by `InfLoRA`), or when `path` itself ends in `.json`.
+    """
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    if sidecar == path:
+        raise ValueError(f"path {str(path)!r} would be overwritten by its JSON sidecar; use e.g. a .safetensors suffix")
+    report = inflora.report
+    statuses = {name: [layer.status(t) for t in range(layer.num_tasks)] for name, layer in report.layers.items()}
+    status = next(iter(statuses.values()))
+    differing = sorted(name for name, s in statuses.items() if s != status)
+    if differing:
+        raise ValueError(f"wrapped layers disagree on the task status; {differing[:4]} differ from the first layer")
+    started = [t for t, s in enumerate(status) if s != UNUSED]
+    finished = [t for t, s in enumerate(status) if s in (FROZEN, MERGED)]
+    if task_names is None:
+        names = [f"task_{t}" for t in started]
+    else:
+        names = [str(n) for n in task_names]
+        if not len(started) <= len(names) <= inflora.num_tasks:
+            raise ValueError(
+                f"task_names must name between {len(started)} (the started tasks) and {inflora.num_tasks} "
+                f"(num_tasks) tasks, got {len(names)}"
+            )
+
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for group, members in report.groups.items():
+        first = report.layers[members[0]]
+        for t in started:
+            tensors[f"{group}.A.{t}"] = _tensor_out(first.lora_A[t])
+        memory = inflora.memories[group]
+        old = _tensor_out(memory.old_basis(), torch.float64)
+        tensors[f"{group}.old_basis"] = old
+        groups[group] = {
+            "mode": memory.mode,
+            "dim": memory.dim,
+            "protected_dim": memory.protected_dim,
+            "old_basis_shape": list(old.shape),
+            "lambda_begin": memory.lambda_begin,
+            "lambda_end": memory.lambda_end,
+            "thresholds": [memory.threshold(t) for t in range(memory.num_tasks)],
+            "members": list(members),
+            "started_tasks": started,
+        }
+    sidecar_content = {
+        "format": CONTINUAL_STATE_FORMAT,
+        "version": CONTINUAL_STATE_VERSION,
+        "rank": inflora.rank,
+        "num_tasks": inflora.num_tasks,
+        "task_names": names,
+        "num_finished_tasks": len(finished),
+        "task_status": [_STATUS_NAMES[s] for s in status],
+        "groups": groups,
+    }
+    if dist.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"format": CONTINUAL_STATE_FORMAT})
+        _write_json(sidecar, sidecar_content)
+
+
+# ---------------------------------------------------------------------- PEFT adapter
+def stacked_factors(layer: InfLoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A_cat (r n, d_in), B_cat (d_out, r n)) over the layer's n started tasks; None when none started.
+
+    Finished tasks count whether merged into the base weight or not: the result
+    is relative to the original pre-trained weight. Gathers B under ZeRO-3 (collective).
+    """
+    tasks = _started_tasks(layer)
+    if not tasks:
+        return None
+    bs = [layer.lora_B(t) for t in tasks]
+    with dist.gathered_params(bs):
+        b_cat = torch.cat([_tensor_out(b) for b in bs], dim=1)
+    a_cat = _tensor_out(layer.lora_A[tasks].reshape(len(tasks) * layer.rank, layer.in_features))
+    return a_cat, b_cat
+
+
+def export_peft_adapter(
+    model: nn.Module,
+    report: InjectionReport,
+    directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> None:
+    """Write the accumulated adapter of every started task as a PEFT LoRA adapter in `directory`.
+
+    For each wrapped layer with n started tasks (training, frozen or merged; a
+    merged task is exported too, since the adapter applies to the original
+    weights), lora_A stacks A_0..A_t to (rank n, d_in) and lora_B concatenates
+    B_0..B_t to (d_out, rank n); `r` is rank n and `lora_alpha` equals it, so
+    PEFT's scaling is 1. Layers with no started task are left out; layers whose
+    n differs from the most common one get `rank_pattern` / `alpha_pattern`
+    entries.
+
+    Files, as PEFT's `save_pretrained` writes them:
+      * `adapter_config.json`: peft_type "LORA", `task_type` (None gives a plain
+        `PeftModel`; e.g. "CAUSAL_LM" a `PeftModelForCausalLM`), target_modules = the
+        exact names of the exported modules, r, lora_alpha, lora_dropout 0,
+        bias "none", use_rslora False, fan_in_fan_out (True for transformers
+        Conv1D targets such as GPT-2's), base_model_name_or_path (defaults to
+        `model.config.name_or_path` when the model has a non-empty one).
+      * `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` and
+        `.lora_B.weight`, in the adapter dtype (the adapter name is not part of the keys).
+
+    Load it with `peft.PeftModel.from_pretrained(base, directory)` where `base` is
+    the same model class with the pre-trained weights (no InfLoRA merges), so that
+    module names match. `model` is only read for its config; it may be the
+    injected model. Under ZeRO-3 call it on every rank (B is gathered); only the
+    main process writes.
+
+    Raises ValueError when no task has been started, or when the targets mix
+    nn.Linear and Conv1D layers (PEFT's config has a single fan_in_fan_out flag).
+    """
+    directory = Path(directory)
+    fan_in_fan_out = {layer.fan_in_fan_out for layer in report.layers.values()}
+    if len(fan_in_fan_out) > 1:
+        conv = sorted(n for n, layer in report.layers.items() if layer.fan_in_fan_out)
+        linear = sorted(n for n, layer in report.layers.items() if not layer.fan_in_fan_out)
+        raise ValueError(
+            "PEFT's LoraConfig has one fan_in_fan_out flag for all targets, but the wrapped layers mix "
+            f"transformers Conv1D ({conv[:2]}...) and nn.Linear ({linear[:2]}...); export them separately"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, layer in report.layers.items():
+        factors = stacked_factors(layer)
+        if factors is None:
+            continue
+        a_cat, b_cat = factors
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a_cat
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b_cat
+        ranks[name] = a_cat.shape[0]
+    if not ranks:
+        raise ValueError("no task has been started in any wrapped layer: there is no adapter to export")
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    # PEFT matches pattern keys as regexes against the module name's suffix: escape the full names.
+    rank_pattern = {re.escape(name): n for name, n in ranks.items() if n != r}
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out.pop(),
+        "target_modules": sorted(ranks),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    if dist.is_main_process():
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(directory / PEFT_CONFIG_NAME, config)

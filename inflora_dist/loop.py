@@ -1,0 +1,360 @@
+"""The continual task loop: it orchestrates, the components do the work.
+
+For each task t of the sequence:
+
+    build the task's engine (trainable: B_t of every layer and head t)
+    covariance pass over task t's training data (exact mode)  -> on_task_start: A_t
+    train for `train.epochs` epochs                            (step checkpoints, pre-emption)
+    covariance pass with the new branch                        -> on_task_end: DualGPM, fold B_t A_t
+    evaluate tasks 0..t, update the accuracy matrix            -> metrics.json, plots, W&B
+    checkpoint; destroy the engine
+
+One process group serves the whole sequence. Every rank runs the same
+collectives in the same order; only rank 0 logs, draws progress bars and
+writes files other than checkpoint shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from inflora_dist import dist
+from inflora_dist.checkpoint import Checkpointer
+from inflora_dist.config import RunConfig, to_yaml
+from inflora_dist.continual import InfLoRA
+from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
+from inflora_dist.data.build_shards import main as build_shards
+from inflora_dist.engine import batch_layout, build_engine, init_distributed
+from inflora_dist.export import export_continual_state, export_peft_adapter
+from inflora_dist.inject import count_parameters, inject_inflora
+from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
+from inflora_dist.models import ContinualClassifier, load_backbone
+from inflora_dist.monitor import Monitor
+
+logger = logging.getLogger(__name__)
+
+#: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
+PREEMPTED_EXIT_CODE = 75
+_ACCUMULATION_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Progress:
+    """Where the run stands: saved in every checkpoint."""
+
+    task: int = 0  # the task being trained, or the next one
+    phase: str = "start"  # start: nothing of `task` done yet; train: A_t designed, training under way
+    step: int = 0  # optimizer steps done in `task`
+    global_step: int = 0
+    loader: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
+
+
+class ContinualTrainer:
+    """Runs a task sequence with InfLoRA under DeepSpeed; see the module docstring for the order of work."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.device = init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        torch.manual_seed(cfg.seed + self.rank)
+        self.out = Path(cfg.output_dir)
+        if dist.is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+        self.seq = self._task_sequence()
+        self.index = self.seq.load_index()
+        self.names = [t.name for t in self.seq.tasks]
+        self.num_tasks = len(self.seq.tasks)
+        sizes = [len(t.classes or []) for t in self.seq.tasks]
+        self.offsets = [sum(sizes[:i]) for i in range(self.num_tasks)]
+        order = self.seq.class_ids
+        self.position = torch.full((max(order) + 1,), -1, dtype=torch.long)
+        self.position[torch.tensor(order)] = torch.arange(len(order))  # dataset label -> logit index
+
+        torch.manual_seed(cfg.seed)  # the same heads on every rank
+        self.model = ContinualClassifier(load_backbone(cfg.model), sizes, cfg.model).to(self.device)
+        report = inject_inflora(
+            self.model, cfg.inflora.targets, cfg.inflora.rank, self.num_tasks, fold=cfg.inflora.fold
+        )
+        self.inflora = InfLoRA(
+            report,
+            cfg.inflora.lambda_begin,
+            cfg.inflora.lambda_end,
+            reduce=cfg.inflora.reduce,
+            accumulation_dtype=_ACCUMULATION_DTYPES[cfg.inflora.accumulation_dtype],
+        )
+        self.micro, self.accumulation = batch_layout(
+            cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
+        )
+        self.cil, self.til = AccuracyMatrix(num_tasks=self.num_tasks), AccuracyMatrix(num_tasks=self.num_tasks)
+        self.progress = Progress()
+        self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
+        run_id = self._resume()
+        self.monitor = Monitor(cfg.wandb, self.out, asdict(cfg), run_id)
+        self._stop = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+        logger.info(
+            "%d tasks, %d input groups, micro batch %d x %d ranks x %d accumulation, ZeRO %d",
+            self.num_tasks, len(report.groups), self.micro, self.world, self.accumulation, cfg.deepspeed.zero_stage,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ setup
+    def _task_sequence(self) -> TaskSequenceConfig:
+        cfg = self.cfg.data
+        build = cfg.build
+        if build and dist.is_main_process() and not Path(cfg.tasks).exists():
+            source = build.get("source", "fashion-mnist")
+            args = [source, "--out", str(Path(cfg.tasks).parent), "--quiet"]
+            args += [a for k, v in build.items() if k != "source" for a in (f"--{k.replace('_', '-')}", str(v))]
+            logger.info("building the task sequence: build_shards %s", " ".join(args))
+            build_shards(args)
+        dist.barrier()  # collective: the shards exist before anyone reads them
+        options = cfg.storage_options or None
+        return load_task_sequence(cfg.tasks, storage_options=options)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        logger.warning("signal %d: stopping at the next step boundary", signum)
+        self._stop = True
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a pre-emption signal. Collective (one all-reduce)."""
+        flag = torch.tensor([float(self._stop)], device=dist.collective_device())
+        return bool(dist.all_reduce_sum_(flag).item() > 0)
+
+    def _loader(self, task: int, split: str, mode: str, batch: int, accumulation: int = 1) -> TaskLoader:
+        stream = open_task(
+            self.seq, task, split, batch_size=batch, mode=mode, seed=self.cfg.seed, index=self.index,
+            accumulation=accumulation,
+        )  # fmt: skip
+        return TaskLoader(stream, num_workers=self.cfg.train.num_workers)
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Adapters, heads and memories as tensors; progress and metrics as JSON. Collective under ZeRO-3."""
+        params = {n: p for n, p in self.model.named_parameters() if ".lora_B_" in n or n.startswith("heads.")}
+        with dist.gathered_params(params.values()):  # collective under ZeRO-3
+            tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
+        tensors.update({n: b.cpu() for n, b in self.model.named_buffers() if n.endswith(("lora_A", "task_status"))})
+        for g, memory in self.inflora.memories.items():
+            tensors[f"memory.{g}"] = memory.basis
+        meta = {
+            "progress": asdict(self.progress),
+            "accuracy_matrix": self.cil.rows,
+            "task_incremental_accuracy_matrix": self.til.rows,
+            "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
+            "wandb_run_id": getattr(getattr(self, "monitor", None), "run_id", None),
+            "world_size": self.world,
+        }
+        return tensors, meta
+
+    def _save(self, label: str, engine: Any = None) -> None:
+        tensors, meta = self._state()
+        path = self.checkpointer.save(label, tensors, meta, engine)  # collective
+        logger.info("checkpoint %s", path)
+
+    def _resume(self) -> str | None:
+        """Restore the newest checkpoint (resume=auto) or the one named; returns the W&B run id."""
+        if self.cfg.resume == "never":
+            return None
+        path = self.checkpointer.latest() if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        if path is None:
+            return None
+        tensors, meta = Checkpointer.load(path)
+        adapters = {n: t for n, t in tensors.items() if not n.startswith("memory.")}
+        missing = set(adapters) - set(self.model.state_dict())
+        if missing:
+            raise RuntimeError(f"checkpoint {path} does not fit this model: unknown tensors {sorted(missing)[:5]}")
+        self.model.load_state_dict(adapters, strict=False)
+        for layer in self.inflora.report.layers.values():
+            layer.reapply_merges()  # the pre-trained weights were just loaded afresh
+        for g, memory in self.inflora.memories.items():
+            memory.mode, memory.basis = meta["memory_modes"][g], tensors[f"memory.{g}"].clone()
+        self.cil, self.til = (
+            AccuracyMatrix(meta["accuracy_matrix"], num_tasks=self.num_tasks),
+            AccuracyMatrix(meta["task_incremental_accuracy_matrix"], num_tasks=self.num_tasks),
+        )
+        self.progress = Progress(**meta["progress"])
+        self._resume_path = path
+        logger.info("resumed from %s: task %d, phase %s", path, self.progress.task, self.progress.phase)
+        return meta["wandb_run_id"]
+
+    # ------------------------------------------------------------------ passes
+    def _covariance_pass(self, engine: Any, task: int) -> float:
+        """Collect x x^T of task `task`'s training data (exact mode) into the collector."""
+        start = time.perf_counter()
+        loader = self._loader(task, "train", "exact", self.cfg.train.eval_batch_size)
+        engine.eval()
+        collector = self.inflora.collector
+        with torch.no_grad(), collector.capturing(), self._bar(len(loader), f"task {task} covariance") as bar:
+            for batch in loader:
+                with collector.token_mask(batch["weight"].to(self.device)):
+                    engine(batch["npy"].to(self.device), upto=task)
+                bar.update(1)
+        return time.perf_counter() - start
+
+    def _evaluate(self, engine: Any, task: int) -> tuple[list[float], list[float]]:
+        """Class- and task-incremental accuracy (%) on tasks 0..task. Collective (one all-reduce per task)."""
+        engine.eval()
+        cil, til = [], []
+        for j in range(task + 1):
+            counts = torch.zeros(3, dtype=torch.float64, device=dist.collective_device())
+            loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
+            lo, hi = self.offsets[j], self.offsets[j] + len(self.seq.tasks[j].classes)
+            with torch.no_grad():
+                for batch in loader:
+                    logits = engine(batch["npy"].to(self.device), upto=task).float()
+                    target = self.position[batch["cls"]].to(self.device)
+                    w = batch["weight"].to(self.device).double()
+                    counts[0] += ((logits.argmax(1) == target).double() * w).sum().to(counts.device)
+                    counts[1] += ((logits[:, lo:hi].argmax(1) + lo == target).double() * w).sum().to(counts.device)
+                    counts[2] += w.sum().to(counts.device)
+            dist.all_reduce_sum_(counts)  # collective
+            cil.append(100.0 * float(counts[0] / counts[2]))
+            til.append(100.0 * float(counts[1] / counts[2]))
+        return cil, til
+
+    # ------------------------------------------------------------------ training
+    def _set_trainable(self, task: int) -> list[dict[str, Any]]:
+        """Only B_task of every layer and head `task` train; returns their optimizer groups."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        branches = [layer.lora_B(task) for layer in self.inflora.report.layers.values()]
+        head = list(self.model.heads[task].parameters())
+        for p in branches + head:
+            p.requires_grad_(True)
+        head_lr = self.cfg.train.head_lr or self.cfg.train.lr
+        return [{"params": branches}, {"params": head, "lr": head_lr}]
+
+    def _fit(self, engine: Any, task: int, loader: TaskLoader) -> bool:
+        """Train task `task` to the end of its epochs; False if stopped by a pre-emption signal."""
+        cfg, a = self.cfg, self.accumulation
+        total = self.seq.tasks[task].train.samples
+        step_rows = self.micro * self.world * a
+        lo, n = self.offsets[task], len(self.seq.tasks[task].classes)
+        steps_per_epoch = len(loader) // a
+        bar = self._bar(cfg.train.epochs * steps_per_epoch, f"task {task} train")
+        bar.update(self.progress.step)
+        tick, samples = time.perf_counter(), 0.0
+        while loader.epoch < cfg.train.epochs:
+            engine.train()
+            for batch in loader:
+                k = loader.stream.consumed - 1  # micro-batch index in the epoch
+                logits = engine(batch["npy"].to(self.device), upto=task)[:, lo : lo + n].float()
+                target = self.position[batch["cls"]].to(self.device) - lo
+                w = batch["weight"].to(self.device)
+                # Mean over the optimizer step's real rows, whatever the ranks and accumulation:
+                # DeepSpeed divides by `a` and averages over ranks, so scale the local sum by a * world / rows.
+                real = min(step_rows, total - (k // a) * step_rows)
+                loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() * (a * self.world / max(real, 1))
+                engine.backward(loss)
+                engine.step()
+                samples += float(w.sum())
+                if (k + 1) % a:
+                    continue
+                self.progress.step += 1
+                self.progress.global_step += 1
+                bar.update(1)
+                if self.progress.step % cfg.train.log_every == 0:
+                    elapsed = time.perf_counter() - tick
+                    values = {
+                        "train/loss": float(loss) * max(real, 1) / (a * self.world * max(float(w.sum()), 1.0)),
+                        "train/lr": engine.get_lr()[0],
+                        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "train/samples_per_s": samples * self.world / max(elapsed, 1e-9),
+                        "task": task,
+                    }
+                    bar.set_postfix(loss=f"{values['train/loss']:.3f}")
+                    self.monitor.log(values, self.progress.global_step)
+                    tick, samples = time.perf_counter(), 0.0
+                self.progress.loader = loader.state_dict()
+                every = cfg.checkpoint.every_steps
+                if every and self.progress.step % every == 0:
+                    self._save(f"task{task}-step{self.progress.step}", engine)
+                if self._stop_agreed():  # collective
+                    self._save(f"task{task}-step{self.progress.step}-preempted", engine)
+                    bar.close()
+                    return False
+        bar.close()
+        return True
+
+    def _run_task(self, task: int) -> bool:
+        cfg = self.cfg
+        resuming = self.progress.phase == "train" and self.progress.task == task
+        groups = self._set_trainable(task)
+        loader = self._loader(task, "train", "train", self.micro, self.accumulation)
+        total_steps = cfg.train.epochs * len(loader) // self.accumulation
+        engine = build_engine(self.model, groups, cfg, self.micro, self.accumulation, total_steps)
+        try:
+            if resuming:
+                engine.load_checkpoint(str(self._resume_path / "engine"), tag="engine")
+                loader.load_state_dict(self.progress.loader)
+            else:
+                logger.info("task %d (%s): covariance pass and design of A_%d", task, self.names[task], task)
+                seconds = self._covariance_pass(engine, task)
+                self.inflora.on_task_start(task)  # collective
+                self.progress = Progress(task=task, phase="train", global_step=self.progress.global_step)
+                self.monitor.log({"time/covariance_pass_s": seconds}, self.progress.global_step)
+            trainable, total = count_parameters(self.model)
+            logger.info("task %d: training %d of %d parameters", task, trainable, total)
+            if not self._fit(engine, task, loader):
+                return False
+            logger.info("task %d: post-task covariance pass and DualGPM update", task)
+            seconds = self._covariance_pass(engine, task)
+            self.inflora.on_task_end(task)  # collective; folds B_t A_t
+            cil, til = self._evaluate(engine, task)
+            self.cil.add_row(cil)
+            self.til.add_row(til)
+            self.progress = Progress(task=task + 1, phase="start", global_step=self.progress.global_step)
+            self._report(task, seconds)
+            self._save(f"task{task}-done")
+        finally:
+            engine.destroy()
+        return True
+
+    def _report(self, task: int, post_pass_seconds: float) -> None:
+        if not dist.is_main_process():
+            return
+        extra = {"task_incremental_accuracy_matrix": self.til, "task_names": self.names}
+        save_metrics(self.out / "metrics.json", self.cil, extra)
+        images = save_plots(self.cil, self.out, self.names)
+        print(format_table(self.cil, self.names), flush=True)
+        values: dict[str, Any] = {f"cl/{k}": v for k, v in self.cil.metrics().items()}
+        values["time/post_covariance_pass_s"] = post_pass_seconds
+        for g, m in self.inflora.memories.items():
+            values[f"subspace/{g}/dim"] = m.protected_dim
+            values[f"subspace/{g}/retain"] = int(m.mode == "retain")
+        self.monitor.log(values, self.progress.global_step)
+        self.monitor.log_matrix(self.cil.rows, self.names, images[0], self.progress.global_step)
+
+    # ------------------------------------------------------------------ entry
+    def run(self) -> int:
+        """Train the remaining tasks; returns the process exit status (0, or PREEMPTED_EXIT_CODE)."""
+        try:
+            for task in range(self.progress.task, self.num_tasks):
+                if not self._run_task(task):
+                    logger.warning("pre-empted during task %d: checkpoint written, exiting", task)
+                    return PREEMPTED_EXIT_CODE
+            self._export()
+            return 0
+        finally:
+            self.monitor.finish()
+
+    def _export(self) -> None:
+        """continual_state.safetensors (+ .json) and the PEFT adapter. Collective under ZeRO-3 (B is gathered)."""
+        if dist.is_main_process():
+            export_continual_state(self.inflora, self.out / "continual_state.safetensors", self.names)
+        export_peft_adapter(self.model, self.inflora.report, self.out / "peft_adapter", self.cfg.model.pretrained)
+        dist.barrier()

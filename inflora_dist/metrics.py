@@ -1,0 +1,364 @@
+"""Continual-learning metrics of an accuracy matrix, a JSON saver, a text table and plots.
+
+``R[i][j]`` is the accuracy in percent on task ``j`` after training task ``i``, for
+``j <= i``; entries above the diagonal are never needed, so row ``i`` holds exactly
+``i + 1`` values. With ``n`` rows so far (a run may be in progress, ``n <= T``):
+
+* ``A_i = mean_{j <= i} R[i][j]``; **avg_acc** is ``A_{n-1}``.
+* **avg_incremental_acc** ``= mean_{i < n} A_i``.
+* **bwt** (backward transfer, Lopez-Paz & Ranzato 2017)
+  ``= mean_{j < n-1} (R[n-1][j] - R[j][j])``; ``0.0`` with one row.
+* **forgetting** (Chaudhry et al. 2018)
+  ``= mean_{j < n-1} (max_{j <= l <= n-2} R[l][j] - R[n-1][j])``; ``0.0`` with one row.
+  It is not clamped at zero: a task that improved since its best earlier
+  accuracy contributes a negative term, as in the paper.
+
+The metric functions are pure and take the rows; :class:`AccuracyMatrix` wraps
+them with validation. matplotlib is imported only inside :func:`save_plots`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = [
+    "AccuracyMatrix",
+    "average_accuracies",
+    "average_accuracy",
+    "average_incremental_accuracy",
+    "backward_transfer",
+    "forgetting",
+    "format_table",
+    "save_metrics",
+    "save_plots",
+]
+
+Rows = Sequence[Sequence[float]]
+
+METRIC_KEYS = ("avg_acc", "avg_incremental_acc", "bwt", "forgetting")
+MATRIX_KEY = "accuracy_matrix"
+_RESERVED_KEYS = frozenset((MATRIX_KEY, *METRIC_KEYS))
+
+
+# --------------------------------------------------------------------------- pure metric functions
+
+
+def _require_rows(rows: Rows) -> int:
+    if len(rows) == 0:
+        raise ValueError("the accuracy matrix has no rows yet: train and evaluate at least one task first")
+    return len(rows)
+
+
+def average_accuracies(rows: Rows) -> list[float]:
+    """``A_i = (1/(i+1)) sum_{j<=i} R[i][j]`` for every row ``i`` (average accuracy after each task)."""
+    return [math.fsum(row[: i + 1]) / (i + 1) for i, row in enumerate(rows)]
+
+
+def average_accuracy(rows: Rows) -> float:
+    """Average accuracy over the tasks seen so far, after the last trained task (``A_{n-1}``)."""
+    n = _require_rows(rows)
+    return math.fsum(rows[n - 1][:n]) / n
+
+
+def average_incremental_accuracy(rows: Rows) -> float:
+    """Mean of ``A_i`` over all rows so far."""
+    n = _require_rows(rows)
+    return math.fsum(average_accuracies(rows)) / n
+
+
+def backward_transfer(rows: Rows) -> float:
+    """``(1/(n-1)) sum_{j<n-1} (R[n-1][j] - R[j][j])``; ``0.0`` with a single row. Negative means forgetting."""
+    n = _require_rows(rows)
+    if n == 1:
+        return 0.0
+    last = rows[n - 1]
+    return math.fsum(last[j] - rows[j][j] for j in range(n - 1)) / (n - 1)
+
+
+def forgetting(rows: Rows) -> float:
+    """Mean over old tasks ``j`` of ``max_{l in [j, n-2]} R[l][j] - R[n-1][j]``; ``0.0`` with a single row."""
+    n = _require_rows(rows)
+    if n == 1:
+        return 0.0
+    last = rows[n - 1]
+    terms = (max(rows[k][j] for k in range(j, n - 1)) - last[j] for j in range(n - 1))
+    return math.fsum(terms) / (n - 1)
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+class AccuracyMatrix:
+    """A lower-triangular accuracy matrix, grown one row per trained task.
+
+    Args:
+        rows: initial rows, each validated as by :meth:`add_row`.
+        num_tasks: the total number of tasks ``T`` when known; rows beyond it are
+            rejected and :func:`format_table` shows all ``T`` columns.
+    """
+
+    def __init__(self, rows: Rows | None = None, num_tasks: int | None = None) -> None:
+        if num_tasks is not None and num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.rows: list[list[float]] = []
+        for row in rows or ():
+            self.add_row(row)
+
+    def add_row(self, row: Sequence[float]) -> None:
+        """Append the accuracies (percent, in ``[0, 100]``) on tasks ``0..i`` after training task ``i``.
+
+        Raises:
+            ValueError: the row does not have ``len(self) + 1`` entries, the matrix
+                already has ``num_tasks`` rows, or a value is not a finite number in ``[0, 100]``.
+        """
+        i = len(self.rows)
+        if self.num_tasks is not None and i >= self.num_tasks:
+            raise ValueError(f"the matrix already has all {self.num_tasks} rows (num_tasks={self.num_tasks})")
+        values = list(row)
+        if len(values) != i + 1:
+            raise ValueError(f"row {i} (after task {i}) must have {i + 1} accuracies (tasks 0..{i}), got {len(values)}")
+        checked: list[float] = []
+        for j, v in enumerate(values):
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"R[{i}][{j}] must be a number, got {v!r}") from None
+            if not (math.isfinite(f) and 0.0 <= f <= 100.0):
+                raise ValueError(f"R[{i}][{j}] = {v!r} is not an accuracy in percent in [0, 100]")
+            checked.append(f)
+        self.rows.append(checked)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"AccuracyMatrix(rows={self.rows!r}, num_tasks={self.num_tasks!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AccuracyMatrix):
+            return NotImplemented
+        return self.rows == other.rows and self.num_tasks == other.num_tasks
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    @property
+    def average_accuracies(self) -> list[float]:
+        """``A_i`` after each trained task."""
+        return average_accuracies(self.rows)
+
+    @property
+    def avg_acc(self) -> float:
+        """Average accuracy after the last trained task; ValueError when empty."""
+        return average_accuracy(self.rows)
+
+    @property
+    def avg_incremental_acc(self) -> float:
+        """Mean of the average accuracies after each task; ValueError when empty."""
+        return average_incremental_accuracy(self.rows)
+
+    @property
+    def bwt(self) -> float:
+        """Backward transfer; ``0.0`` with one row, ValueError when empty."""
+        return backward_transfer(self.rows)
+
+    @property
+    def forgetting(self) -> float:
+        """Average forgetting; ``0.0`` with one row, ValueError when empty."""
+        return forgetting(self.rows)
+
+    def metrics(self) -> dict[str, float]:
+        """The four metrics by name (``avg_acc``, ``avg_incremental_acc``, ``bwt``, ``forgetting``)."""
+        return {
+            "avg_acc": self.avg_acc,
+            "avg_incremental_acc": self.avg_incremental_acc,
+            "bwt": self.bwt,
+            "forgetting": self.forgetting,
+        }
+
+    def to_dict(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A JSON-ready dict: ``accuracy_matrix`` (row ``i`` has ``i + 1`` values) and the four metrics.
+
+        The metrics are ``None`` while the matrix is empty. ``num_tasks`` is
+        included when set. ``extra`` keys (task names, a task-incremental matrix
+        under ``"task_incremental_accuracy_matrix"``, ...) are added; an
+        :class:`AccuracyMatrix` value is stored as its rows. Extra keys may not
+        shadow the matrix or metric keys.
+        """
+        out: dict[str, Any] = {MATRIX_KEY: [list(r) for r in self.rows]}
+        if self.rows:
+            out.update(self.metrics())
+        else:
+            out.update(dict.fromkeys(METRIC_KEYS))
+        if self.num_tasks is not None:
+            out["num_tasks"] = self.num_tasks
+        for key, value in (extra or {}).items():
+            if key in _RESERVED_KEYS or (key == "num_tasks" and self.num_tasks is not None):
+                raise ValueError(f"extra key {key!r} would overwrite a computed entry")
+            out[key] = [list(r) for r in value.rows] if isinstance(value, AccuracyMatrix) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], key: str = MATRIX_KEY) -> AccuracyMatrix:
+        """Rebuild from :meth:`to_dict` output (or a loaded metrics JSON); rows are re-validated.
+
+        ``key`` selects another stored matrix, e.g. ``"task_incremental_accuracy_matrix"``.
+        Stored metric values are ignored: they are recomputed from the rows.
+        """
+        if key not in data:
+            raise KeyError(f"no {key!r} in the metrics dict (keys: {sorted(data)})")
+        num_tasks = data.get("num_tasks")
+        return cls(rows=data[key], num_tasks=int(num_tasks) if num_tasks is not None else None)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write via a temp file in ``path``'s directory and ``os.replace``, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_metrics(path: str | os.PathLike[str], matrix: AccuracyMatrix, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``matrix.to_dict(extra)`` as JSON to ``path`` atomically; returns the path.
+
+    Call it from one process only (rank 0). Parent directories are created.
+    """
+    p = Path(path)
+    text = json.dumps(matrix.to_dict(extra), indent=2, allow_nan=False) + "\n"
+    _atomic_write(p, lambda f: f.write(text.encode("utf-8")))
+    return p
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _names(task_names: Sequence[str] | None, count: int) -> list[str]:
+    if task_names is None:
+        return [f"task {j}" for j in range(count)]
+    if len(task_names) < count:
+        raise ValueError(f"task_names has {len(task_names)} names but the matrix needs {count}")
+    return [str(name) for name in task_names[:count]]
+
+
+def format_table(matrix: AccuracyMatrix, task_names: Sequence[str] | None = None) -> str:
+    """A fixed-width text table of the matrix followed by the four metrics with 2 decimals.
+
+    Rows are "after <task>", columns are tasks (``num_tasks`` columns when set,
+    else one per row); cells above the diagonal are blank.
+    """
+    n = len(matrix)
+    cols = max(n, matrix.num_tasks or 0)
+    names = _names(task_names, cols)
+    row_labels = [f"after {names[i]}" for i in range(n)]
+    label_w = max([len("after"), *map(len, row_labels)])
+    widths = [max(len(name), 6) for name in names]  # 6 = len("100.00")
+
+    lines = ["  ".join([" " * label_w, *(name.rjust(w) for name, w in zip(names, widths, strict=True))]).rstrip()]
+    lines.append("  ".join(["-" * label_w, *("-" * w for w in widths)]))
+    for i, row in enumerate(matrix.rows):
+        cells = [f"{row[j]:.2f}".rjust(w) if j <= i else " " * w for j, w in enumerate(widths)]
+        lines.append("  ".join([row_labels[i].ljust(label_w), *cells]).rstrip())
+    if n == 0:
+        lines.append("(no tasks trained yet)")
+        return "\n".join(lines)
+    lines.append("")
+    metrics = matrix.metrics()
+    labels = {
+        "avg_acc": "average accuracy",
+        "avg_incremental_acc": "average incremental accuracy",
+        "bwt": "backward transfer (BWT)",
+        "forgetting": "forgetting",
+    }
+    name_w = max(map(len, labels.values()))
+    for key, label in labels.items():
+        lines.append(f"{label.ljust(name_w)}  {metrics[key]:7.2f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def save_plots(
+    matrix: AccuracyMatrix, directory: str | os.PathLike[str], task_names: Sequence[str] | None = None
+) -> list[Path]:
+    """Write ``accuracy_matrix.png`` (annotated heatmap) and ``accuracy_curve.png`` into ``directory``.
+
+    The curve shows ``A_i`` after each task (bold) and each task's accuracy over
+    time (thin lines). Uses matplotlib's Agg backend, imported lazily; files are
+    written atomically. Returns the two paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    n = _require_rows(matrix.rows)
+    names = _names(task_names, n)
+    out_dir = Path(directory)
+
+    grid = np.full((n, n), np.nan)
+    for i, row in enumerate(matrix.rows):
+        grid[i, : i + 1] = row
+    masked = np.ma.masked_invalid(grid)
+
+    # Heatmap, masked above the diagonal.
+    side = 1.6 + 0.7 * n
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    im = ax.imshow(masked, cmap=cmap, vmin=0.0, vmax=100.0)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    font = max(5.0, min(10.0, 60.0 / n))
+    for i in range(n):
+        for j in range(i + 1):
+            value = grid[i, j]
+            ax.text(
+                j, i, f"{value:.1f}", ha="center", va="center", fontsize=font, color="black" if value > 60 else "white"
+            )
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), [f"after {name}" for name in names])
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("trained up to")
+    ax.set_title("accuracy matrix")
+    matrix_path = out_dir / "accuracy_matrix.png"
+    _atomic_write(matrix_path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+    # Average accuracy after each task, plus each task's accuracy over time.
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.5 * n), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    steps = np.arange(n)
+    for j in range(n):
+        label = names[j] if n <= 10 else None  # a legend entry per task only while it stays readable
+        ax.plot(steps[j:], grid[j:, j], linewidth=0.9, alpha=0.7, marker=".", markersize=4, label=label)
+    ax.plot(steps, matrix.average_accuracies, color="black", linewidth=2.2, marker="o", label="average accuracy")
+    ax.set_xticks(steps, names, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0.0, 100.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize="small", ncol=2 if n > 5 else 1)
+    ax.set_title("accuracy over tasks (thin: each task)")
+    curve_path = out_dir / "accuracy_curve.png"
+    _atomic_write(curve_path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return [matrix_path, curve_path]

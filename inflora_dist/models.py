@@ -1,0 +1,68 @@
+"""Models: a transformers vision backbone with one classifier head per task.
+
+The backbone is loaded with `from_pretrained` from a local directory, or built
+from a transformers config (`model_type` plus its fields) for tiny test models.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from inflora_dist.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_backbone(cfg: ModelConfig) -> nn.Module:
+    """The transformers backbone: from a local checkpoint directory, or built from `cfg.config`."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.pretrained:
+        return AutoModel.from_pretrained(cfg.pretrained, dtype=dtype, local_files_only=True)
+    fields = dict(cfg.config)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model.config needs a model_type (e.g. vit, dinov2)")
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
+
+
+class ContinualClassifier(nn.Module):
+    """A vision backbone plus one linear head per task (the reference's classifier pool).
+
+    `forward(images, upto)` returns the concatenated logits of heads 0..upto:
+    class-incremental prediction is the argmax over all heads seen so far.
+    """
+
+    def __init__(self, backbone: nn.Module, classes_per_task: Sequence[int], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in classes_per_task)
+        self.image_size, self.channels = cfg.image_size, cfg.channels
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W) or (B, H, W, C) -> normalised float (B, channels, image_size, image_size)."""
+        x = images.float() / 255.0
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1) if x.shape[1] == 1 else x[:, : self.channels]
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        x = (x - self.mean) / self.std
+        return x.to(next(self.backbone.parameters()).dtype)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The [CLS] token of the last (normalised) hidden state, (B, hidden), float32."""
+        out = self.backbone(pixel_values=self.preprocess(images))
+        return out.last_hidden_state[:, 0].float()
+
+    def forward(self, images: torch.Tensor, upto: int) -> torch.Tensor:
+        feats = self.features(images)
+        return torch.cat([head(feats) for head in self.heads[: upto + 1]], dim=1)

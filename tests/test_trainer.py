@@ -1,0 +1,173 @@
+"""The training framework end to end: real processes, a real DeepSpeed engine, gloo, W&B offline."""
+
+from __future__ import annotations
+
+import glob
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from trainer_runs import REPO, command, env, free_port, results, train
+
+from inflora_dist.config import load_run_config
+from inflora_dist.data.build_shards import FASHION_MNIST_DIR
+from inflora_dist.data.build_shards import main as build_shards
+from inflora_dist.loop import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2",
+                  "--train-per-class", "96", "--eval-per-class", "32", "--shard-size", "40", "--quiet"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shards):
+    """Finished runs by (processes, ZeRO stage), each made once per module."""
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[tuple[int, int], Path] = {}
+
+    def get(nproc: int, stage: int) -> Path:
+        if (nproc, stage) not in done:
+            out = root / f"p{nproc}-z{stage}"
+            extra = ["wandb.enabled=true", "wandb.mode=offline"] if (nproc, stage) == (1, 0) else []
+            train(nproc, out, f"deepspeed.zero_stage={stage}", *extra, shards=shards)
+            done[nproc, stage] = out
+        return done[nproc, stage]
+
+    return get
+
+
+def test_one_process_run_writes_every_output(runs):
+    out = runs(1, 0)
+    metrics, state = results(out)
+    assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
+    assert [len(r) for r in metrics["task_incremental_accuracy_matrix"]] == [1, 2, 3]
+    for key in ("avg_acc", "avg_incremental_acc", "bwt", "forgetting"):
+        assert isinstance(metrics[key], float)
+    assert metrics["task_incremental_accuracy_matrix"][0][0] > 70  # the tiny ViT learns task 0
+    for png in ("accuracy_matrix.png", "accuracy_curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resolved = load_run_config(str(out / "config.yaml"))
+    assert resolved.output_dir == str(out) and resolved.deepspeed.zero_stage == 0
+    groups = json.loads((out / "continual_state.json").read_text())
+    assert len(state) > 0 and groups
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / "peft_adapter" / name).exists()
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["000001-task1-done", "000002-task2-done"]  # keep: 2, oldest pruned
+
+
+def test_wandb_offline_run_has_the_logged_keys(runs):
+    """A real offline W&B run: its record file holds every logged key (protobuf keeps keys as raw strings)."""
+    out = runs(1, 0)
+    records = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()
+    keys = ["train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "cl/avg_acc", "cl/bwt"]
+    keys += ["cl/forgetting", "time/covariance_pass_s", "subspace/", "accuracy_matrix", "accuracy_heatmap"]
+    for key in keys:
+        assert key.encode() in data, key
+    tables = list((out / "wandb").glob("offline-run-*/files/media/table/accuracy_matrix_*.table.json"))
+    assert len(tables) == 3  # one per task
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_processes_reproduce_one_process(runs, stage):
+    """Same seed and global batch: same A (1e-5) and the same accuracy matrix at 1 and 2 processes, ZeRO 0/2/3."""
+    ref_metrics, ref_state = results(runs(1, 0))
+    metrics, state = results(runs(2, stage))
+    assert sorted(state) == sorted(ref_state)
+    for name, tensor in state.items():
+        if ".A." in name:
+            torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
+    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+    assert metrics["task_incremental_accuracy_matrix"] == ref_metrics["task_incremental_accuracy_matrix"]
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("how", ["sigusr1", "sigkill"])
+def test_interrupted_run_resumes_to_the_same_result(runs, shards, tmp_path, how):
+    """Stop a 2-process ZeRO-2 run mid-task 1 (pre-emption signal, or kill -9), resume=auto, compare."""
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "deepspeed.zero_stage=2",
+                 "checkpoint.every_steps=3", "checkpoint.keep=20"]  # fmt: skip
+    proc = subprocess.Popen(command(2, *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob("*-task1-step3")):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "no mid-task checkpoint appeared"
+        time.sleep(0.05)
+    workers = _workers(proc)
+    assert len(workers) == 2
+    for w in workers:
+        w.send_signal(signal.SIGUSR1 if how == "sigusr1" else signal.SIGKILL)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    names = [p.name for p in (out / "checkpoints").iterdir()]
+    assert not any(n.endswith("task1-done") or "task2" in n for n in names), names  # stopped mid-task 1
+    if how == "sigusr1":
+        assert any(n.endswith("-preempted") for n in names), log[-3000:]
+        assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in log or f"exit code {PREEMPTED_EXIT_CODE}" in log, log[-3000:]
+    train(2, out, "deepspeed.zero_stage=2", "checkpoint.every_steps=3", "checkpoint.keep=20", "resume=auto",
+          shards=shards)  # fmt: skip
+    metrics, state = results(out)
+    ref_metrics, ref_state = results(runs(2, 2))
+    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-6, msg=name)
+    adapter = REPO / out / "peft_adapter" / "adapter_model.safetensors"
+    ref_adapter = runs(2, 2) / "peft_adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    b, ref_b = load_file(str(adapter)), load_file(str(ref_adapter))
+    for name in ref_b:
+        torch.testing.assert_close(b[name], ref_b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_bad_configs_name_the_problem(tmp_path, shards):
+    base = ["model.config={model_type: vit}", f"data.tasks={shards}/tasks.yaml"]
+    cases = {
+        "inflora.rnak=3": r"unknown key 'rnak' in InfLoRAConfig .* valid keys: \['accumulation_dtype'",
+        "deepspeed.zero_stage=5": r"deepspeed.zero_stage must be one of \[0, 1, 2, 3\], got 5",
+        "inflora.lambda_begin=0": r"inflora.lambda_begin must be in \(0, 1\], got 0",
+        "train.global_batch_size=-4": r"train.global_batch_size must be an integer >= 1, got -4",
+        "train.lr=fast": r"bad value for 'train.lr'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            load_run_config(None, [*base, override])
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        load_run_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(FileNotFoundError, match=r"model.pretrained: /no/such/dir"):
+        load_run_config(None, [*base, "model.pretrained=/no/such/dir"])
+    proc = subprocess.run(command(1, "inflora.rnak=3"), cwd=REPO, env=env(), capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown key 'rnak'" in proc.stderr
+
+
+def test_deepspeed_launcher_runs_the_same_job(runs, shards, tmp_path):
+    """`deepspeed launch/train.py` (its own launcher, 2 processes) gives the torchrun result; no /dev/shm left."""
+    out = tmp_path / "ds"
+    port = str(free_port())
+    args = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", port,
+            str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "tiny_vit.yaml"),
+            f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "deepspeed.zero_stage=2"]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics, _ = results(out)
+    assert metrics["accuracy_matrix"] == results(runs(2, 2))[0]["accuracy_matrix"]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")

@@ -1,0 +1,54 @@
+"""Helpers to launch launch/train.py as real processes (python, torchrun) on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny_vit.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
+    return e
+
+
+def command(nproc: int, *overrides: str) -> list[str]:
+    script = [str(REPO / "launch" / "train.py"), "--config", str(CONFIG), *overrides]
+    if nproc == 1:
+        return [sys.executable, *script]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *script]
+
+
+def train(nproc: int, out: Path, *overrides: str, shards: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the tiny config to completion; raise with the output if it fails."""
+    args = command(nproc, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *overrides)
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def results(out: Path) -> tuple[dict, dict]:
+    """(metrics.json, continual_state tensors) of a finished run."""
+    return json.loads((out / "metrics.json").read_text()), load_file(str(out / "continual_state.safetensors"))
