@@ -113,6 +113,7 @@ class DeepSpeedSettings:
     zero_stage: int = 0
     offload: bool = False
     config_dir: str = "configs/deepspeed"
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the template, e.g. zero_optimization
 
 
 @dataclass

@@ -75,7 +75,7 @@ def deepspeed_config(cfg: RunConfig, micro: int, accumulation: int, world_size: 
     path = directory / name if directory.is_absolute() or (directory / name).exists() else REPO_ROOT / directory / name
     if not path.exists():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (deepspeed.config_dir={cfg.deepspeed.config_dir})")
-    ds = json.loads(path.read_text())
+    ds = _merged(json.loads(path.read_text()), cfg.deepspeed.overrides)
     ds.update(
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=accumulation,
@@ -85,6 +85,22 @@ def deepspeed_config(cfg: RunConfig, micro: int, accumulation: int, world_size: 
     if cfg.train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     return ds
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def destroy_engine(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Free an engine and take its hooks off the model (destroy() leaves the two module hooks it added)."""
+    engine.destroy()
+    for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, hook, None)
+        if handle is not None:
+            handle.remove()
 
 
 def cosine_factor(step: int, total: int) -> float:

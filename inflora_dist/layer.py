@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inflora_dist.dist import gathered_params
+
 UNUSED, TRAINING, FROZEN, MERGED = 0, 1, 2, 3
 FOLD_MODES = ("merge", "stack")
 
@@ -116,7 +118,8 @@ class InfLoRALinear(nn.Module):
         b = self.lora_B(task_id)
         with torch.no_grad():
             self.lora_A[task_id].copy_(lora_A.to(self.lora_A.dtype))
-            b.zero_()
+            with gathered_params([b], modifier_rank=0):  # under ZeRO-3 a bare zero_() misses the partitions
+                b.zero_()
         b.requires_grad_(True)
         self._set_status(task_id, TRAINING)
 
@@ -136,12 +139,10 @@ class InfLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, task_id: int) -> torch.Tensor:
-        """B_t A_t, (d_out, d_in), in the adapter dtype."""
-        return self.lora_B(task_id) @ self.lora_A[task_id]
+        """B_t A_t, (d_out, d_in), in float32 whatever the adapter dtype (it is added into the base weight)."""
+        return self.lora_B(task_id).float() @ self.lora_A[task_id].float()
 
     def _add_to_weight(self, task_id: int, sign: float) -> None:
-        from inflora_dist.dist import gathered_params
-
         weight = self.base_layer.weight
         with gathered_params([weight, self.lora_B(task_id)], modifier_rank=0), torch.no_grad():
             delta = self.delta_weight(task_id)
@@ -184,13 +185,13 @@ class InfLoRALinear(nn.Module):
         live = [t for t, s in enumerate(self._status) if s in (TRAINING, FROZEN)]
         if not live:
             return result
-        x = x.to(self.lora_A.dtype)
         if len(live) == 1:
             a, b = self.lora_A[live[0]], self.lora_B(live[0])
         else:
             a = self.lora_A[live].reshape(-1, self.in_features)  # (r * n, d_in)
             b = torch.cat([self.lora_B(t) for t in live], dim=1)  # (d_out, r * n)
-        return result + ((x @ a.T) @ b.T).to(result.dtype)
+        # The branch computes in B's dtype: fp32 adapters on a bf16 base, or bf16 where DeepSpeed cast B.
+        return result + ((x.to(b.dtype) @ a.to(b.dtype).T) @ b.T).to(result.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, num_tasks={self.num_tasks}, fold={self.fold}, status={self._status}"

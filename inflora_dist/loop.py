@@ -33,7 +33,7 @@ from inflora_dist.config import RunConfig, to_yaml
 from inflora_dist.continual import InfLoRA
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import main as build_shards
-from inflora_dist.engine import batch_layout, build_engine, init_distributed
+from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
 from inflora_dist.export import export_continual_state, export_peft_adapter
 from inflora_dist.inject import count_parameters, inject_inflora
 from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
@@ -187,6 +187,12 @@ class ContinualTrainer:
             AccuracyMatrix(meta["task_incremental_accuracy_matrix"], num_tasks=self.num_tasks),
         )
         self.progress = Progress(**meta["progress"])
+        if self.progress.phase == "train" and meta["world_size"] != self.world:
+            raise RuntimeError(
+                f"checkpoint {path} was written mid-task by {meta['world_size']} processes; resuming it needs the "
+                f"same number (DeepSpeed's optimizer shards), this run has {self.world}. "
+                "A task-boundary checkpoint (*-done) resumes at any world size."
+            )
         self._resume_path = path
         logger.info("resumed from %s: task %d, phase %s", path, self.progress.task, self.progress.phase)
         return meta["wandb_run_id"]
@@ -321,7 +327,7 @@ class ContinualTrainer:
             self._report(task, seconds)
             self._save(f"task{task}-done")
         finally:
-            engine.destroy()
+            destroy_engine(engine)
         return True
 
     def _report(self, task: int, post_pass_seconds: float) -> None:

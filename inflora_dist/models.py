@@ -31,6 +31,17 @@ def load_backbone(cfg: ModelConfig) -> nn.Module:
     return AutoModel.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
 
 
+class TaskHead(nn.Linear):
+    """One task's classifier; casts its input to its own dtype (a bf16 backbone may feed an fp32 head).
+
+    The cast happens inside the head's forward: under ZeRO-3 a parameter read
+    outside its module's forward would break DeepSpeed's prefetch trace.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).float()
+
+
 class ContinualClassifier(nn.Module):
     """A vision backbone plus one linear head per task (the reference's classifier pool).
 
@@ -42,7 +53,7 @@ class ContinualClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
-        self.heads = nn.ModuleList(nn.Linear(hidden, n) for n in classes_per_task)
+        self.heads = nn.ModuleList(TaskHead(hidden, n) for n in classes_per_task)
         self.image_size, self.channels = cfg.image_size, cfg.channels
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
@@ -59,10 +70,10 @@ class ContinualClassifier(nn.Module):
         return x.to(next(self.backbone.parameters()).dtype)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The [CLS] token of the last (normalised) hidden state, (B, hidden), float32."""
-        out = self.backbone(pixel_values=self.preprocess(images))
-        return out.last_hidden_state[:, 0].float()
+        """The [CLS] token of the last (normalised) hidden state, (B, hidden), in the model's dtype."""
+        return self.backbone(pixel_values=self.preprocess(images)).last_hidden_state[:, 0]
 
     def forward(self, images: torch.Tensor, upto: int) -> torch.Tensor:
+        """Float32 logits of heads 0..upto, concatenated (B, classes so far)."""
         feats = self.features(images)
         return torch.cat([head(feats) for head in self.heads[: upto + 1]], dim=1)
