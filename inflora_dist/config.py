@@ -216,9 +216,13 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise FileNotFoundError(f"resume: {cfg.resume} is neither auto, never, nor a checkpoint directory")
 
 
-def load_run_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The run config from a YAML file (or defaults) plus dotlist overrides, validated."""
-    sources = [read_yaml(path)] if path else []
+def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config from YAML files merged in order (or defaults), then dotlist overrides, validated.
+
+    Several files compose a run: e.g. a model file, a task-sequence file and a run file.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    sources = [read_yaml(p) for p in paths]
     cfg = merge_structured(RunConfig, *sources, overrides=overrides)
     validate_run_config(cfg)
     return cfg

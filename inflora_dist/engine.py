@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,9 @@ import torch.distributed as tdist
 from torch import nn
 
 from inflora_dist.config import RunConfig
+from inflora_dist.dist import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> torch.device:
@@ -40,7 +34,7 @@ def init_distributed() -> torch.device:
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     if not tdist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")

@@ -26,7 +26,9 @@ from inflora_dist.loop import ContinualTrainer
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="run config YAML")
+    parser.add_argument(
+        "--config", action="append", default=[], help="run config YAML; repeat to compose files, later ones win"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)

@@ -13,11 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from trainer_runs import REPO, command, env, free_port, results, train
+from trainer_runs import REPO, command, env, results, train
 
 from inflora_dist.config import load_run_config
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
 from inflora_dist.data.build_shards import main as build_shards
+from inflora_dist.dist import free_port
 from inflora_dist.loop import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
@@ -173,3 +174,13 @@ def test_deepspeed_launcher_runs_the_same_job(runs, shards, tmp_path):
     metrics, _ = results(out)
     assert metrics["accuracy_matrix"] == results(runs(2, 2))[0]["accuracy_matrix"]
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+
+
+def test_config_files_compose_in_order():
+    """Several --config files merge in order (a model file, a task file, a run file), then overrides."""
+    cfg = load_run_config(
+        [str(REPO / "configs" / "tiny_vit.yaml"), str(REPO / "configs" / "tasks" / "fmnist_5x2.yaml")],
+        ["train.epochs=3"],
+    )
+    assert cfg.data.build["tasks"] == 5 and cfg.data.tasks.endswith("fmnist_5x2/tasks.yaml")
+    assert cfg.train.epochs == 3 and cfg.model.image_size == 28

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from inflora_dist.dist import free_port
 
 
 @contextlib.contextmanager
@@ -30,7 +25,7 @@ def moto_s3(bucket: str = "inflora", timeout: float = 30.0) -> Iterator[dict[str
     The server is stopped (and waited for) on exit, errors included.
     """
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
