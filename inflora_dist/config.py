@@ -79,6 +79,7 @@ class InfLoRAConfig:
     """The method: which layers get branches, their rank, and the DualGPM thresholds."""
 
     targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    layers_to_transform: list[int] | None = None  # block numbers to adapt (None: all)
     rank: int = 10
     lambda_begin: float = 0.95
     lambda_end: float = 1.0
@@ -162,7 +163,7 @@ class RunConfig:
 
 
 _CHOICES = {
-    "method": ("inflora",),
+    "method": ("inflora", "seq_lora", "joint"),
     "model.kind": ("vit",),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "inflora.fold": ("merge", "stack"),

@@ -42,6 +42,27 @@ def broadcast_memory_(memory: SubspaceMemory, src: int) -> None:
     memory.basis = basis.cpu()
 
 
+def start_random_branches(report: InjectionReport, task_id: int, seed: int) -> None:
+    """The seq-LoRA control: A_t drawn like LoRA's A (kaiming-uniform, bound 1/sqrt(d_in)), not designed.
+
+    Seeded by (seed, task, group), so every rank draws the same A. Nothing is
+    protected: the branch may move weights in directions old tasks use.
+    """
+    for i, (g, names) in enumerate(report.groups.items()):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + task_id * 1009 + i)
+        d = report.dims[g]
+        first = report.layers[names[0]]
+        a = (torch.rand(first.rank, d, generator=gen, dtype=torch.float64) * 2 - 1) / d**0.5
+        for layer in report.group_modules(g):
+            layer.start_task(task_id, a)
+
+
+def finish_branches(report: InjectionReport) -> None:
+    """Freeze and fold the active branch of every wrapped layer."""
+    for layer in report.layers.values():
+        layer.finish_task()
+
+
 class InfLoRA:
     """Subspace memories and the covariance collector for the input groups of an injected model."""
 
@@ -97,8 +118,7 @@ class InfLoRA:
                 self.memories[g].update(covs[g], task_id)
             if self.owners is not None:
                 broadcast_memory_(self.memories[g], self.owners[g])  # collective
-            for layer in self.report.group_modules(g):
-                layer.finish_task()
+        finish_branches(self.report)
         if dist.is_main_process():
             for g, m in self.memories.items():
                 logger.info(

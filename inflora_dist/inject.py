@@ -43,6 +43,15 @@ class InjectionReport:
         return [self.layers[name] for name in self.groups[group]]
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The block number in a module name (`...layers.7.attn.k_proj` -> 7), as PEFT's layers_to_transform reads it."""
+    found = _LAYER_INDEX.search(name)
+    return int(found.group(1)) if found else None
+
+
 def matches(name: str, patterns: Sequence[str]) -> bool:
     """PEFT-style target match: exact name, `.pattern` suffix, or full regex match."""
     for pattern in patterns:
@@ -81,9 +90,12 @@ def inject_inflora(
     trainable: Sequence[str] = (),
     shared_inputs: Sequence[Sequence[str]] = DEFAULT_SHARED_INPUTS,
     adapter_dtype: torch.dtype = torch.float32,
+    layers_to_transform: Sequence[int] | None = None,
 ) -> InjectionReport:
     """Wrap every module matching `targets` in an InfLoRALinear and freeze all other weights.
 
+    `layers_to_transform` keeps only matches inside those block numbers (PEFT's
+    option: adapters on the top blocks only shorten the backward pass).
     Parameters whose names match `trainable` (e.g. a classifier head) stay
     trainable. Raises ValueError naming the patterns when nothing matches, and
     TypeError naming the module when a match is not a linear layer.
@@ -91,10 +103,16 @@ def inject_inflora(
     if not targets:
         raise ValueError("targets is empty: name the linear layers to adapt (e.g. ['k_proj', 'v_proj'])")
     found = [name for name, _ in model.named_modules() if name and matches(name, targets)]
+    if layers_to_transform is not None:
+        keep = set(layers_to_transform)
+        found = [name for name in found if layer_index(name) in keep]
     found = [n for n in found if not isinstance(model.get_submodule(n), InfLoRALinear)]
     if not found:
         linear = [n for n, m in model.named_modules() if supported_base(m)]
-        raise ValueError(f"target patterns {list(targets)} matched no module; linear layers include {linear[:8]}")
+        where = f" in blocks {sorted(layers_to_transform)}" if layers_to_transform is not None else ""
+        raise ValueError(
+            f"target patterns {list(targets)} matched no module{where}; linear layers include {linear[:8]}"
+        )
     for name in found:
         module = model.get_submodule(name)
         if not supported_base(module):

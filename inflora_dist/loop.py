@@ -16,7 +16,9 @@ writes files other than checkpoint shards.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from inflora_dist import dist
 from inflora_dist.checkpoint import Checkpointer
 from inflora_dist.config import RunConfig, to_yaml
-from inflora_dist.continual import InfLoRA
+from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
@@ -75,7 +77,10 @@ class ContinualTrainer:
         self.names = [t.name for t in self.seq.tasks]
         self.num_tasks = len(self.seq.tasks)
         sizes = [len(t.classes or []) for t in self.seq.tasks]
-        self.offsets = [sum(sizes[:i]) for i in range(self.num_tasks)]
+        self.offsets = [sum(sizes[:i]) for i in range(self.num_tasks + 1)]  # task j: logits [offsets[j], offsets[j+1])
+        # The tasks trained together at each stage: one per stage, or all at once (the joint upper bound).
+        tasks = list(range(self.num_tasks))
+        self.stages = [tasks] if cfg.method == "joint" else [[t] for t in tasks]
         order = self.seq.class_ids
         self.position = torch.full((max(order) + 1,), -1, dtype=torch.long)
         self.position[torch.tensor(order)] = torch.arange(len(order))  # dataset label -> logit index
@@ -83,7 +88,12 @@ class ContinualTrainer:
         torch.manual_seed(cfg.seed)  # the same heads on every rank
         self.model = ContinualClassifier(load_backbone(cfg.model), sizes, cfg.model).to(self.device)
         report = inject_inflora(
-            self.model, cfg.inflora.targets, cfg.inflora.rank, self.num_tasks, fold=cfg.inflora.fold
+            self.model,
+            cfg.inflora.targets,
+            cfg.inflora.rank,
+            len(self.stages),
+            fold=cfg.inflora.fold,
+            layers_to_transform=cfg.inflora.layers_to_transform,
         )
         self.inflora = InfLoRA(
             report,
@@ -96,6 +106,7 @@ class ContinualTrainer:
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
         )
         self.cil, self.til = AccuracyMatrix(num_tasks=self.num_tasks), AccuracyMatrix(num_tasks=self.num_tasks)
+        self.joint: list[list[float]] = []  # method=joint: [class-incremental, task-incremental] per task
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         run_id = self._resume()
@@ -104,8 +115,9 @@ class ContinualTrainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
         logger.info(
-            "%d tasks, %d input groups, micro batch %d x %d ranks x %d accumulation, ZeRO %d",
-            self.num_tasks, len(report.groups), self.micro, self.world, self.accumulation, cfg.deepspeed.zero_stage,
+            "%s: %d tasks in %d stages, %d input groups, micro batch %d x %d ranks x %d accumulation, ZeRO %d",
+            cfg.method, self.num_tasks, len(self.stages), len(report.groups), self.micro, self.world,
+            self.accumulation, cfg.deepspeed.zero_stage,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ setup
@@ -131,7 +143,7 @@ class ContinualTrainer:
         flag = torch.tensor([float(self._stop)], device=dist.collective_device())
         return bool(dist.all_reduce_sum_(flag).item() > 0)
 
-    def _loader(self, task: int, split: str, mode: str, batch: int, accumulation: int = 1) -> TaskLoader:
+    def _loader(self, task: int | list[int], split: str, mode: str, batch: int, accumulation: int = 1) -> TaskLoader:
         stream = open_task(
             self.seq, task, split, batch_size=batch, mode=mode, seed=self.cfg.seed, index=self.index,
             accumulation=accumulation,
@@ -154,6 +166,7 @@ class ContinualTrainer:
             "progress": asdict(self.progress),
             "accuracy_matrix": self.cil.rows,
             "task_incremental_accuracy_matrix": self.til.rows,
+            "joint_accuracy": self.joint,
             "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
             "wandb_run_id": getattr(getattr(self, "monitor", None), "run_id", None),
             "world_size": self.world,
@@ -186,6 +199,7 @@ class ContinualTrainer:
             AccuracyMatrix(meta["accuracy_matrix"], num_tasks=self.num_tasks),
             AccuracyMatrix(meta["task_incremental_accuracy_matrix"], num_tasks=self.num_tasks),
         )
+        self.joint = meta["joint_accuracy"]
         self.progress = Progress(**meta["progress"])
         if self.progress.phase == "train" and meta["world_size"] != self.world:
             raise RuntimeError(
@@ -198,16 +212,17 @@ class ContinualTrainer:
         return meta["wandb_run_id"]
 
     # ------------------------------------------------------------------ passes
-    def _covariance_pass(self, engine: Any, task: int) -> float:
-        """Collect x x^T of task `task`'s training data (exact mode) into the collector."""
+    def _covariance_pass(self, engine: Any, stage: int) -> float:
+        """Collect x x^T of the stage's training data (exact mode) into the collector."""
         start = time.perf_counter()
-        loader = self._loader(task, "train", "exact", self.cfg.train.eval_batch_size)
+        tasks = self.stages[stage]
+        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
         engine.eval()
         collector = self.inflora.collector
-        with torch.no_grad(), collector.capturing(), self._bar(len(loader), f"task {task} covariance") as bar:
+        with torch.no_grad(), collector.capturing(), self._bar(len(loader), f"stage {stage} covariance") as bar:
             for batch in loader:
                 with collector.token_mask(batch["weight"].to(self.device)):
-                    engine(batch["npy"].to(self.device), upto=task)
+                    engine(batch["npy"].to(self.device), upto=tasks[-1])
                 bar.update(1)
         return time.perf_counter() - start
 
@@ -218,7 +233,7 @@ class ContinualTrainer:
         for j in range(task + 1):
             counts = torch.zeros(3, dtype=torch.float64, device=dist.collective_device())
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
-            lo, hi = self.offsets[j], self.offsets[j] + len(self.seq.tasks[j].classes)
+            lo, hi = self.offsets[j], self.offsets[j + 1]
             with torch.no_grad():
                 for batch in loader:
                     logits = engine(batch["npy"].to(self.device), upto=task).float()
@@ -233,23 +248,24 @@ class ContinualTrainer:
         return cil, til
 
     # ------------------------------------------------------------------ training
-    def _set_trainable(self, task: int) -> list[dict[str, Any]]:
-        """Only B_task of every layer and head `task` train; returns their optimizer groups."""
+    def _set_trainable(self, stage: int) -> list[dict[str, Any]]:
+        """Only B_stage of every layer and the stage's heads train; returns their optimizer groups."""
         for p in self.model.parameters():
             p.requires_grad_(False)
-        branches = [layer.lora_B(task) for layer in self.inflora.report.layers.values()]
-        head = list(self.model.heads[task].parameters())
+        branches = [layer.lora_B(stage) for layer in self.inflora.report.layers.values()]
+        head = [p for t in self.stages[stage] for p in self.model.heads[t].parameters()]
         for p in branches + head:
             p.requires_grad_(True)
         head_lr = self.cfg.train.head_lr or self.cfg.train.lr
         return [{"params": branches}, {"params": head, "lr": head_lr}]
 
     def _fit(self, engine: Any, task: int, loader: TaskLoader) -> bool:
-        """Train task `task` to the end of its epochs; False if stopped by a pre-emption signal."""
+        """Train stage `task` to the end of its epochs; False if stopped by a pre-emption signal."""
         cfg, a = self.cfg, self.accumulation
-        total = self.seq.tasks[task].train.samples
+        tasks = self.stages[task]
+        total = sum(self.seq.tasks[t].train.samples for t in tasks)
         step_rows = self.micro * self.world * a
-        lo, n = self.offsets[task], len(self.seq.tasks[task].classes)
+        lo, n = self.offsets[tasks[0]], self.offsets[tasks[-1] + 1] - self.offsets[tasks[0]]  # the stage's logits
         steps_per_epoch = len(loader) // a
         bar = self._bar(cfg.train.epochs * steps_per_epoch, f"task {task} train")
         bar.update(self.progress.step)
@@ -258,7 +274,7 @@ class ContinualTrainer:
             engine.train()
             for batch in loader:
                 k = loader.stream.consumed - 1  # micro-batch index in the epoch
-                logits = engine(batch["npy"].to(self.device), upto=task)[:, lo : lo + n].float()
+                logits = engine(batch["npy"].to(self.device), upto=tasks[-1])[:, lo : lo + n]
                 target = self.position[batch["cls"]].to(self.device) - lo
                 w = batch["weight"].to(self.device)
                 # Mean over the optimizer step's real rows, whatever the ranks and accumulation:
@@ -296,11 +312,33 @@ class ContinualTrainer:
         bar.close()
         return True
 
-    def _run_task(self, task: int) -> bool:
+    def _start_branches(self, engine: Any, stage: int) -> float:
+        """Install the stage's A: designed from its covariance (InfLoRA, joint) or drawn at random (seq-LoRA).
+
+        Returns the covariance-pass seconds. Collective.
+        """
+        if self.cfg.method == "seq_lora":
+            start_random_branches(self.inflora.report, stage, self.cfg.seed)
+            return 0.0
+        seconds = self._covariance_pass(engine, stage)
+        self.inflora.on_task_start(stage)  # collective
+        return seconds
+
+    def _fold_branches(self, engine: Any, stage: int) -> float:
+        """Grow the memory from a post-training pass (InfLoRA) and fold the stage's branches. Collective."""
+        if self.cfg.method == "seq_lora":
+            finish_branches(self.inflora.report)
+            return 0.0
+        seconds = self._covariance_pass(engine, stage)
+        self.inflora.on_task_end(stage)  # collective; folds B A
+        return seconds
+
+    def _run_task(self, stage: int) -> bool:
         cfg = self.cfg
-        resuming = self.progress.phase == "train" and self.progress.task == task
-        groups = self._set_trainable(task)
-        loader = self._loader(task, "train", "train", self.micro, self.accumulation)
+        tasks = self.stages[stage]
+        resuming = self.progress.phase == "train" and self.progress.task == stage
+        groups = self._set_trainable(stage)
+        loader = self._loader(tasks, "train", "train", self.micro, self.accumulation)
         total_steps = cfg.train.epochs * len(loader) // self.accumulation
         engine = build_engine(self.model, groups, cfg, self.micro, self.accumulation, total_steps)
         try:
@@ -308,40 +346,56 @@ class ContinualTrainer:
                 engine.load_checkpoint(str(self._resume_path / "engine"), tag="engine")
                 loader.load_state_dict(self.progress.loader)
             else:
-                logger.info("task %d (%s): covariance pass and design of A_%d", task, self.names[task], task)
-                seconds = self._covariance_pass(engine, task)
-                self.inflora.on_task_start(task)  # collective
-                self.progress = Progress(task=task, phase="train", global_step=self.progress.global_step)
+                logger.info("stage %d (%s): the branch's A", stage, ", ".join(self.names[t] for t in tasks))
+                seconds = self._start_branches(engine, stage)
+                self.progress = Progress(task=stage, phase="train", global_step=self.progress.global_step)
                 self.monitor.log({"time/covariance_pass_s": seconds}, self.progress.global_step)
             trainable, total = count_parameters(self.model)
-            logger.info("task %d: training %d of %d parameters", task, trainable, total)
-            if not self._fit(engine, task, loader):
+            logger.info("stage %d: training %d of %d parameters", stage, trainable, total)
+            if not self._fit(engine, stage, loader):
                 return False
-            logger.info("task %d: post-task covariance pass and DualGPM update", task)
-            seconds = self._covariance_pass(engine, task)
-            self.inflora.on_task_end(task)  # collective; folds B_t A_t
-            cil, til = self._evaluate(engine, task)
-            self.cil.add_row(cil)
-            self.til.add_row(til)
-            self.progress = Progress(task=task + 1, phase="start", global_step=self.progress.global_step)
-            self._report(task, seconds)
-            self._save(f"task{task}-done")
+            logger.info("stage %d: folding the branch", stage)
+            seconds = self._fold_branches(engine, stage)
+            cil, til = self._evaluate(engine, tasks[-1])
+            if cfg.method == "joint":
+                self.joint = [cil, til]
+            else:
+                self.cil.add_row(cil)
+                self.til.add_row(til)
+            self.progress = Progress(task=stage + 1, phase="start", global_step=self.progress.global_step)
+            self._report(seconds)
+            self._save(f"task{stage}-done")
         finally:
             destroy_engine(engine)
         return True
 
-    def _report(self, task: int, post_pass_seconds: float) -> None:
+    def _report(self, post_pass_seconds: float) -> None:
         if not dist.is_main_process():
             return
-        extra = {"task_incremental_accuracy_matrix": self.til, "task_names": self.names}
-        save_metrics(self.out / "metrics.json", self.cil, extra)
-        images = save_plots(self.cil, self.out, self.names)
-        print(format_table(self.cil, self.names), flush=True)
-        values: dict[str, Any] = {f"cl/{k}": v for k, v in self.cil.metrics().items()}
-        values["time/post_covariance_pass_s"] = post_pass_seconds
+        values: dict[str, Any] = {"time/post_covariance_pass_s": post_pass_seconds}
         for g, m in self.inflora.memories.items():
             values[f"subspace/{g}/dim"] = m.protected_dim
             values[f"subspace/{g}/retain"] = int(m.mode == "retain")
+        if self.cfg.method == "joint":
+            cil, til = self.joint
+            avg = sum(cil) / len(cil)
+            summary = {"method": "joint", "avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0}
+            summary.update(joint_accuracy=cil, joint_task_incremental_accuracy=til, task_names=self.names)
+            tmp = self.out / "metrics.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, self.out / "metrics.json")
+            print(
+                "joint training, accuracy per task: "
+                + ", ".join(f"{n} {a:.2f}" for n, a in zip(self.names, cil, strict=True))
+            )
+            print(f"average accuracy {avg:.2f}", flush=True)
+            self.monitor.log({**values, "cl/avg_acc": avg}, self.progress.global_step)
+            return
+        extra = {"method": self.cfg.method, "task_incremental_accuracy_matrix": self.til, "task_names": self.names}
+        save_metrics(self.out / "metrics.json", self.cil, extra)
+        images = save_plots(self.cil, self.out, self.names)
+        print(format_table(self.cil, self.names), flush=True)
+        values.update({f"cl/{k}": v for k, v in self.cil.metrics().items()})
         self.monitor.log(values, self.progress.global_step)
         self.monitor.log_matrix(self.cil.rows, self.names, images[0], self.progress.global_step)
 
@@ -349,9 +403,9 @@ class ContinualTrainer:
     def run(self) -> int:
         """Train the remaining tasks; returns the process exit status (0, or PREEMPTED_EXIT_CODE)."""
         try:
-            for task in range(self.progress.task, self.num_tasks):
-                if not self._run_task(task):
-                    logger.warning("pre-empted during task %d: checkpoint written, exiting", task)
+            for stage in range(self.progress.task, len(self.stages)):
+                if not self._run_task(stage):
+                    logger.warning("pre-empted during stage %d: checkpoint written, exiting", stage)
                     return PREEMPTED_EXIT_CODE
             self._export()
             return 0
@@ -361,6 +415,7 @@ class ContinualTrainer:
     def _export(self) -> None:
         """continual_state.safetensors (+ .json) and the PEFT adapter. Collective under ZeRO-3 (B is gathered)."""
         if dist.is_main_process():
-            export_continual_state(self.inflora, self.out / "continual_state.safetensors", self.names)
+            stage_names = ["+".join(self.names[t] for t in tasks) for tasks in self.stages]
+            export_continual_state(self.inflora, self.out / "continual_state.safetensors", stage_names)
         export_peft_adapter(self.model, self.inflora.report, self.out / "peft_adapter", self.cfg.model.pretrained)
         dist.barrier()

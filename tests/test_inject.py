@@ -101,3 +101,13 @@ def test_bad_targets_raise_naming_the_patterns():
         inject_inflora(tiny_llama(), ["self_attn"], rank=2, num_tasks=1)
     with pytest.raises(ValueError, match="targets is empty"):
         inject_inflora(tiny_llama(), [], rank=2, num_tasks=1)
+
+
+def test_layers_to_transform_keeps_the_named_blocks_only():
+    model = tiny_llama(layers=3)
+    report = inject_inflora(model, ["k_proj", "v_proj"], rank=2, num_tasks=1, layers_to_transform=[1, 2])
+    assert sorted(report.layers) == [f"model.layers.{i}.self_attn.{m}" for i in (1, 2) for m in ("k_proj", "v_proj")]
+    with pytest.raises(ValueError, match=r"in blocks \[7\]"):
+        inject_inflora(tiny_llama(), ["k_proj"], rank=2, num_tasks=1, layers_to_transform=[7])
+    vit = inject_inflora(tiny_vit(), ["k_proj"], rank=2, num_tasks=1, layers_to_transform=[1])
+    assert list(vit.layers) == ["layers.1.attention.k_proj"]

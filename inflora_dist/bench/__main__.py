@@ -8,6 +8,7 @@ import importlib
 #: Command name -> module providing SUMMARY, add_arguments(parser) and run(args) -> dict.
 COMMANDS: dict[str, str] = {
     "step": "inflora_dist.bench.step",
+    "cl": "inflora_dist.bench.cl",
 }
 
 

@@ -363,7 +363,7 @@ class TaskLoader:
 
 def open_task(
     sequence: TaskSequenceConfig,
-    task_index: int,
+    task_index: int | Sequence[int],
     split: str,
     *,
     batch_size: int,
@@ -371,17 +371,20 @@ def open_task(
     index: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> TaskStream:
-    """A TaskStream over one split ("train" or "eval") of one task of `sequence`.
+    """A TaskStream over one split ("train" or "eval") of one task of `sequence`, or of several together.
 
-    Per-shard sample counts come from the sequence's index (`index` if already
-    loaded); storage options from the sequence.
+    Several task indices give one stream over the union of their shards (the
+    joint-training upper bound). Per-shard sample counts come from the
+    sequence's index (`index` if already loaded); storage options from the
+    sequence.
     """
-    if not 0 <= task_index < len(sequence.tasks):
-        raise ValueError(f"task_index must be in [0, {len(sequence.tasks)}), got {task_index}")
+    tasks = [task_index] if isinstance(task_index, int) else list(task_index)
+    if not tasks or any(not 0 <= t < len(sequence.tasks) for t in tasks):
+        raise ValueError(f"task indices must be in [0, {len(sequence.tasks)}), got {task_index}")
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     index = index if index is not None else sequence.load_index()
-    urls = sequence.shard_urls(task_index, split)
+    urls = [u for t in tasks for u in sequence.shard_urls(t, split)]
     root = sequence.root.rstrip("/") + "/"
     entries = []
     for url in urls:
@@ -391,12 +394,10 @@ def open_task(
         entries.append(entry)
     sizes = [int(e["samples"]) for e in entries]
     offsets = [e["offsets"] for e in entries] if all("offsets" in e for e in entries) else None
-    expected = getattr(sequence.tasks[task_index], split).samples
+    expected = sum(getattr(sequence.tasks[t], split).samples for t in tasks)
     if sum(sizes) != expected:
-        raise ValueError(
-            f"task {sequence.tasks[task_index].name!r} {split}: the spec says {expected} samples, "
-            f"its shards hold {sum(sizes)}"
-        )
+        names = [sequence.tasks[t].name for t in tasks]
+        raise ValueError(f"tasks {names} {split}: the spec says {expected} samples, their shards hold {sum(sizes)}")
     return TaskStream(
         urls,
         sizes,

@@ -1,0 +1,80 @@
+"""InfLoRA against seq-LoRA (and optionally joint training) on one task sequence, side by side.
+
+Each method runs `launch/train.py` with the same config (same data, model,
+targets, rank, budget and evaluation); only `method=` differs:
+
+  inflora   A_t designed outside the old tasks' subspace (the method)
+  seq_lora  the same branches with A_t drawn like LoRA's A and nothing protected (the forgetting baseline)
+  joint     all tasks' data at once, one branch (the upper bound; no sequence, so no BWT or forgetting)
+
+Prints a table of average accuracy, BWT, forgetting and wall time per method;
+with --json the last line is one JSON object keyed by method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from inflora_dist.dist import free_port
+
+SUMMARY = "InfLoRA vs seq-LoRA (vs joint) on a task sequence: accuracy, BWT, forgetting, time"
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ("inflora", "seq_lora", "joint")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="append", default=None, help="run config(s) (default configs/demo_vit.yaml)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["inflora", "seq_lora"])
+    parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    parser.add_argument("--output-dir", default="runs/bench_cl", help="each method writes <output-dir>/<method>")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
+
+
+def _command(args: argparse.Namespace, method: str) -> list[str]:
+    configs = [a for c in (args.config or [str(REPO / "configs" / "demo_vit.yaml")]) for a in ("--config", c)]
+    script = [str(REPO / "launch" / "train.py"), *configs, *args.overrides]
+    script += [f"method={method}", f"output_dir={Path(args.output_dir) / method}", "resume=never"]
+    if args.nproc == 1:
+        return [sys.executable, *script]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), *script]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every method; returns {method: {avg_acc, bwt, forgetting, seconds, ...}}."""
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    if args.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # several processes share the cores
+    figures = {}
+    for method in args.methods:
+        start = time.perf_counter()
+        print(f"== {method}: {' '.join(_command(args, method))}", flush=True)
+        proc = subprocess.run(_command(args, method), cwd=REPO, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{method} failed with exit status {proc.returncode}")
+        metrics = json.loads((Path(args.output_dir) / method / "metrics.json").read_text())
+        figures[method] = {
+            "avg_acc": metrics["avg_acc"],
+            "avg_incremental_acc": metrics["avg_incremental_acc"],
+            "bwt": metrics["bwt"],
+            "forgetting": metrics["forgetting"],
+            "seconds": round(time.perf_counter() - start, 1),
+            "final_row": metrics.get("accuracy_matrix", [metrics.get("joint_accuracy")])[-1],
+        }
+    print(f"\n{'method':<10}{'avg acc':>9}{'avg inc':>9}{'BWT':>8}{'forget':>8}{'seconds':>9}")
+    for method, f in figures.items():
+        print(
+            f"{method:<10}{f['avg_acc']:>9.2f}{f['avg_incremental_acc']:>9.2f}{f['bwt']:>8.2f}"
+            f"{f['forgetting']:>8.2f}{f['seconds']:>9.1f}"
+        )
+    if args.json:
+        print(json.dumps(figures))
+    return figures
