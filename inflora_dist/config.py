@@ -72,6 +72,7 @@ class ModelConfig:
     channels: int = 3
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    head_cosine_scale: float = 0.0  # > 0: cosine-classifier heads with this scale; 0: linear heads (the reference)
 
 
 @dataclass

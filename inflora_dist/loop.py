@@ -60,6 +60,14 @@ class Progress:
     loader: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
 
 
+def _images(batch: dict[str, Any]) -> torch.Tensor:
+    """The image field of a batch: `.npy` arrays or decoded `.jpg`/`.png` files."""
+    for key in ("npy", "jpg", "jpeg", "png"):
+        if key in batch:
+            return batch[key]
+    raise KeyError(f"no image field in the batch (fields: {sorted(batch)})")
+
+
 class ContinualTrainer:
     """Runs a task sequence with InfLoRA under DeepSpeed; see the module docstring for the order of work."""
 
@@ -222,7 +230,7 @@ class ContinualTrainer:
         with torch.no_grad(), collector.capturing(), self._bar(len(loader), f"stage {stage} covariance") as bar:
             for batch in loader:
                 with collector.token_mask(batch["weight"].to(self.device)):
-                    engine(batch["npy"].to(self.device), upto=tasks[-1])
+                    engine(_images(batch).to(self.device), upto=tasks[-1])
                 bar.update(1)
         return time.perf_counter() - start
 
@@ -236,7 +244,7 @@ class ContinualTrainer:
             lo, hi = self.offsets[j], self.offsets[j + 1]
             with torch.no_grad():
                 for batch in loader:
-                    logits = engine(batch["npy"].to(self.device), upto=task).float()
+                    logits = engine(_images(batch).to(self.device), upto=task).float()
                     target = self.position[batch["cls"]].to(self.device)
                     w = batch["weight"].to(self.device).double()
                     counts[0] += ((logits.argmax(1) == target).double() * w).sum().to(counts.device)
@@ -274,7 +282,7 @@ class ContinualTrainer:
             engine.train()
             for batch in loader:
                 k = loader.stream.consumed - 1  # micro-batch index in the epoch
-                logits = engine(batch["npy"].to(self.device), upto=tasks[-1])[:, lo : lo + n]
+                logits = engine(_images(batch).to(self.device), upto=tasks[-1])[:, lo : lo + n]
                 target = self.position[batch["cls"]].to(self.device) - lo
                 w = batch["weight"].to(self.device)
                 # Mean over the optimizer step's real rows, whatever the ranks and accumulation:

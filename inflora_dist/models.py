@@ -34,12 +34,23 @@ def load_backbone(cfg: ModelConfig) -> nn.Module:
 class TaskHead(nn.Linear):
     """One task's classifier; casts its input to its own dtype (a bf16 backbone may feed an fp32 head).
 
-    The cast happens inside the head's forward: under ZeRO-3 a parameter read
-    outside its module's forward would break DeepSpeed's prefetch trace.
+    `cosine_scale` > 0 makes it a cosine classifier, s * cos(x, w_c) without bias:
+    heads trained one task at a time then give logits on one scale, so the
+    argmax over all heads (class-incremental prediction) is not decided by
+    which head happens to have the largest weights. 0 gives the reference's
+    plain linear head. The cast happens inside the head's forward: under ZeRO-3
+    a parameter read outside its module's forward breaks DeepSpeed's prefetch trace.
     """
 
+    def __init__(self, in_features: int, out_features: int, cosine_scale: float = 0.0) -> None:
+        super().__init__(in_features, out_features, bias=cosine_scale == 0.0)
+        self.cosine_scale = cosine_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype)).float()
+        x = x.to(self.weight.dtype)
+        if self.cosine_scale:
+            return (self.cosine_scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))).float()
+        return super().forward(x).float()
 
 
 class ContinualClassifier(nn.Module):
@@ -53,7 +64,7 @@ class ContinualClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
-        self.heads = nn.ModuleList(TaskHead(hidden, n) for n in classes_per_task)
+        self.heads = nn.ModuleList(TaskHead(hidden, n, cfg.head_cosine_scale) for n in classes_per_task)
         self.image_size, self.channels = cfg.image_size, cfg.channels
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)

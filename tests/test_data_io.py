@@ -247,3 +247,19 @@ def test_micro_steps_hold_the_same_samples_on_one_and_two_ranks(sequence):
     assert len(one) == len(two[0]) == len(two[1])
     for k, batch in enumerate(one):
         assert sorted(keys_of([batch])) == sorted(keys_of([two[0][k]]) + keys_of([two[1][k]]))
+
+
+def test_imagefolder_source(tmp_path, fmnist):
+    """One sub-folder of images per class (the layout of ImageNet-R): resized JPEGs, seeded eval split."""
+    from PIL import Image
+
+    for c in range(4):
+        (tmp_path / "src" / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(fmnist["train_images"][c * 10 + i]).save(tmp_path / "src" / f"class{c}" / f"{i}.png")
+    config = main(["imagefolder", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--tasks", "2",
+                   "--classes-per-task", "2", "--image-size", "32", "--eval-fraction", "0.2", "--quiet"])  # fmt: skip
+    assert sum(t.train.samples for t in config.tasks) == 32 and sum(t.eval.samples for t in config.tasks) == 8
+    batch = next(iter(TaskLoader(open_task(config, 0, "train", batch_size=4, mode="exact", rank=0, world_size=1))))
+    assert batch["jpg"].shape == (4, 32, 32, 3) and batch["jpg"].dtype == torch.uint8
+    assert set(batch["cls"].tolist()) <= set(config.tasks[0].classes)

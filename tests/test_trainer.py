@@ -15,7 +15,7 @@ import pytest
 import torch
 from trainer_runs import REPO, command, env, results, train
 
-from inflora_dist.config import load_run_config
+from inflora_dist.config import RunConfig, load_run_config
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import free_port
@@ -184,3 +184,13 @@ def test_config_files_compose_in_order():
     )
     assert cfg.data.build["tasks"] == 5 and cfg.data.tasks.endswith("fmnist_5x2/tasks.yaml")
     assert cfg.train.epochs == 3 and cfg.model.image_size == 28
+
+
+@pytest.mark.parametrize("name", ["imagenet_r_10task", "cifar100_10task", "domainnet"])
+def test_paper_configs_are_valid_run_configs(name):
+    """The GPU configs parse into RunConfig with the reference's settings (paths are the user's)."""
+    from inflora_dist.config import merge_structured, read_yaml
+
+    cfg = merge_structured(RunConfig, read_yaml(str(REPO / "configs" / "paper" / f"{name}.yaml")))
+    assert cfg.train.global_batch_size == 128 and cfg.inflora.lambda_end == 1.0
+    assert cfg.inflora.targets == ["k_proj", "v_proj"]

@@ -2,6 +2,7 @@
 
     python -m inflora_dist.data.build_shards fashion-mnist --out runs/shards/fmnist --tasks 5 --classes-per-task 2
     python -m inflora_dist.data.build_shards arrays --train-images x.npy --train-labels y.npy ... --out s3://b/x
+    python -m inflora_dist.data.build_shards imagefolder --root imagenet-r --tasks 10 --classes-per-task 20 ...
     python -m inflora_dist.data.build_shards jsonl a.jsonl b.jsonl --out runs/shards/text
 
 Writes under --out (any fsspec URL): `train/<task>-NNNNNN.tar`, `eval/<task>-NNNNNN.tar`,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import io
 import json
 import logging
 import posixpath
@@ -98,6 +100,49 @@ def read_jsonl(
     return tasks
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageFolder:
+    """Images in one sub-folder per class (ImageNet-R, DomainNet, ... on the user's disk).
+
+    Classes are the sorted sub-folder names, ids 0..C-1. Items are re-encoded
+    as JPEG at `image_size` x `image_size` (so a batch stacks), read lazily.
+    """
+
+    def __init__(self, root: str | Path, image_size: int = 224, quality: int = 95) -> None:
+        self.root, self.image_size, self.quality = Path(root), image_size, quality
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"{root} has no class sub-folders")
+        self.files = [
+            (f, c)
+            for c, name in enumerate(self.classes)
+            for f in sorted((self.root / name).rglob("*"))
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        self.labels = np.array([c for _, c in self.files], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> bytes:
+        from PIL import Image
+
+        with Image.open(self.files[index][0]) as im:
+            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+            out = io.BytesIO()
+            im.save(out, format="JPEG", quality=self.quality)
+        return out.getvalue()
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded (train, eval) split of range(n)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = round(n * eval_fraction)
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
 # ---------------------------------------------------------------- builders
 def split_classes(classes: Sequence[int], num_tasks: int, classes_per_task: int, seed: int) -> list[list[int]]:
     """A seeded class order cut into `num_tasks` tasks of `classes_per_task` classes."""
@@ -141,6 +186,11 @@ def _finish(out: str, config: TaskSequenceConfig, shards: list[ShardInfo], stora
         f.write(to_yaml(config))
 
 
+def _image_sample(key: str, image: np.ndarray | bytes, label: int) -> dict[str, Any]:
+    # Arrays are stored exactly (.npy); encoded images (ImageFolder) as JPEG bytes.
+    return {"__key__": key, "jpg" if isinstance(image, bytes) else "npy": image, "cls": label}
+
+
 def _split_spec(shards: list[ShardInfo]) -> SplitSpec:
     return SplitSpec(shards=[s.path for s in shards], samples=sum(s.samples for s in shards))
 
@@ -159,9 +209,11 @@ def build_classification(
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> TaskSequenceConfig:
-    """A class-incremental sequence from (images, labels) arrays; returns the written task sequence.
+    """A class-incremental sequence from (images, labels); returns the written task sequence.
 
-    Each sample is `{"__key__": "<split>-<source index>", "npy": image, "cls": label}`.
+    `images` is an array (samples stored as `.npy`) or anything indexable
+    giving encoded JPEG bytes, such as ImageFolder (stored as `.jpg`). Each
+    sample is `{"__key__": "<split>-<source index>", "npy" or "jpg": image, "cls": label}`.
     """
     storage_options = dict(storage_options or {})
     (x_train, y_train), (x_eval, y_eval) = train, evaluation
@@ -181,7 +233,7 @@ def build_classification(
         for name, classes, tr, ev in plan:
             splits = {}
             for split, x, y, idx in (("train", x_train, y_train, tr), ("eval", x_eval, y_eval, ev)):
-                samples = ({"__key__": f"{split}-{j:06d}", "npy": x[j], "cls": int(y[j])} for j in idx)
+                samples = (_image_sample(f"{split}-{j:06d}", x[j], int(y[j])) for j in idx)
                 shards = _write_split(out, f"{split}/{name}", list(samples), shard_size, storage_options, bar)
                 splits[split] = _split_spec(shards)
                 all_shards.extend(shards)
@@ -274,6 +326,12 @@ def _parser() -> argparse.ArgumentParser:
     fm = sub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files -> class-incremental tasks")
     fm.add_argument("--source", default=FASHION_MNIST_DIR, help=f"directory of the IDX files ({FASHION_MNIST_DIR})")
     classification(fm)
+    im = sub.add_parser("imagefolder", help="one sub-folder of images per class -> class-incremental tasks")
+    im.add_argument("--root", required=True, help="folder with one sub-folder per class (e.g. ImageNet-R)")
+    im.add_argument("--eval-root", default=None, help="a separate eval folder; else --eval-fraction of --root")
+    im.add_argument("--eval-fraction", type=float, default=0.2, help="seeded eval share when no --eval-root (0.2)")
+    im.add_argument("--image-size", type=int, default=224, help="images are resized to this square (224)")
+    classification(im)
     ar = sub.add_parser("arrays", help=".npy image and label arrays -> class-incremental tasks")
     for name in ("train-images", "train-labels", "eval-images", "eval-labels"):
         ar.add_argument(f"--{name}", required=True, help=f"{name.replace('-', ' ')} (.npy)")
@@ -292,6 +350,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Subset:
+    """Items `indices` of an indexable dataset."""
+
+    def __init__(self, items: Any, indices: np.ndarray) -> None:
+        self.items, self.indices = items, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[int(self.indices[i])]
+
+
+def _image_folders(args: argparse.Namespace) -> dict[str, Any]:
+    train = ImageFolder(args.root, args.image_size)
+    if args.eval_root:
+        evaluation = ImageFolder(args.eval_root, args.image_size)
+        if evaluation.classes != train.classes:
+            raise ValueError(f"{args.eval_root} and {args.root} have different class folders")
+        return {"train_images": train, "train_labels": train.labels, "eval_images": evaluation,
+                "eval_labels": evaluation.labels}  # fmt: skip
+    tr, ev = split_indices(len(train), args.eval_fraction, args.seed)
+    return {"train_images": _Subset(train, tr), "train_labels": train.labels[tr],
+            "eval_images": _Subset(train, ev), "eval_labels": train.labels[ev]}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
     """Entry point of `python -m inflora_dist.data.build_shards`."""
     args = _parser().parse_args(argv)
@@ -306,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
     else:
         if args.command == "fashion-mnist":
             data = load_fashion_mnist(args.source)
+        elif args.command == "imagefolder":
+            data = _image_folders(args)
         else:
             keys = ("train_images", "train_labels", "eval_images", "eval_labels")
             data = {k: np.load(getattr(args, k), allow_pickle=False) for k in keys}
