@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from inflora_dist.dist import free_port
+from inflora_dist.metrics import AccuracyMatrix
 
 SUMMARY = "InfLoRA vs seq-LoRA (vs joint) on a task sequence: accuracy, BWT, forgetting, time"
 REPO = Path(__file__).resolve().parents[2]
@@ -67,13 +68,20 @@ def run(args: argparse.Namespace) -> dict:
             "bwt": metrics["bwt"],
             "forgetting": metrics["forgetting"],
             "seconds": round(time.perf_counter() - start, 1),
-            "final_row": metrics.get("accuracy_matrix", [metrics.get("joint_accuracy")])[-1],
         }
-    print(f"\n{'method':<10}{'avg acc':>9}{'avg inc':>9}{'BWT':>8}{'forget':>8}{'seconds':>9}")
+        if "task_incremental_accuracy_matrix" in metrics:
+            til = AccuracyMatrix(metrics["task_incremental_accuracy_matrix"])
+            figures[method].update(til_avg_acc=til.avg_acc, til_bwt=til.bwt, til_forgetting=til.forgetting)
+        else:  # joint: one evaluation of every task, no sequence
+            accs = metrics["joint_task_incremental_accuracy"]
+            figures[method].update(til_avg_acc=sum(accs) / len(accs), til_bwt=0.0, til_forgetting=0.0)
+    print("\nclass-incremental (all heads) | task-incremental (the task's head)")
+    header = f"{'method':<10}{'avg acc':>9}{'BWT':>8}{'forget':>8} |{'avg acc':>9}{'BWT':>8}{'forget':>8}{'seconds':>9}"
+    print(header)
     for method, f in figures.items():
         print(
-            f"{method:<10}{f['avg_acc']:>9.2f}{f['avg_incremental_acc']:>9.2f}{f['bwt']:>8.2f}"
-            f"{f['forgetting']:>8.2f}{f['seconds']:>9.1f}"
+            f"{method:<10}{f['avg_acc']:>9.2f}{f['bwt']:>8.2f}{f['forgetting']:>8.2f} |"
+            f"{f['til_avg_acc']:>9.2f}{f['til_bwt']:>8.2f}{f['til_forgetting']:>8.2f}{f['seconds']:>9.1f}"
         )
     if args.json:
         print(json.dumps(figures))
