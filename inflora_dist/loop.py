@@ -176,7 +176,7 @@ class ContinualTrainer:
             "task_incremental_accuracy_matrix": self.til.rows,
             "joint_accuracy": self.joint,
             "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
-            "wandb_run_id": getattr(getattr(self, "monitor", None), "run_id", None),
+            "wandb_run_id": self.monitor.run_id,
             "world_size": self.world,
         }
         return tensors, meta
@@ -202,7 +202,9 @@ class ContinualTrainer:
         for layer in self.inflora.report.layers.values():
             layer.reapply_merges()  # the pre-trained weights were just loaded afresh
         for g, memory in self.inflora.memories.items():
-            memory.mode, memory.basis = meta["memory_modes"][g], tensors[f"memory.{g}"].clone()
+            memory.load_state_dict(
+                {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"memory.{g}"]}
+            )
         self.cil, self.til = (
             AccuracyMatrix(meta["accuracy_matrix"], num_tasks=self.num_tasks),
             AccuracyMatrix(meta["task_incremental_accuracy_matrix"], num_tasks=self.num_tasks),
