@@ -194,3 +194,23 @@ def test_paper_configs_are_valid_run_configs(name):
     cfg = merge_structured(RunConfig, read_yaml(str(REPO / "configs" / "paper" / f"{name}.yaml")))
     assert cfg.train.global_batch_size == 128 and cfg.inflora.lambda_end == 1.0
     assert cfg.inflora.targets == ["k_proj", "v_proj"]
+
+
+def test_joint_trains_every_task_at_once(shards, tmp_path):
+    """method=joint: one stage over the union of the tasks' data, evaluated on each task (the upper bound)."""
+    out = tmp_path / "joint"
+    train(1, out, "method=joint", shards=shards)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "joint" and len(metrics["joint_accuracy"]) == 3
+    assert metrics["avg_acc"] == pytest.approx(sum(metrics["joint_accuracy"]) / 3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]
+
+
+def test_seq_lora_and_bf16_under_zero3(shards, tmp_path):
+    """The seq-LoRA baseline with bf16 weights, 2 processes, ZeRO-3 partitioning every parameter."""
+    out = tmp_path / "bf16"
+    partition_all = "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}"
+    train(2, out, "method=seq_lora", "train.precision=bf16", "deepspeed.zero_stage=3", partition_all, shards=shards)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "seq_lora" and [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
+    assert metrics["task_incremental_accuracy_matrix"][0][0] > 70
