@@ -1,0 +1,100 @@
+"""Instruction examples as tokens: response-only loss, padding that changes nothing, chat template."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from inflora_dist.continual import InfLoRA
+from inflora_dist.data.text import IGNORE, collate_examples, encode_example, response_loss
+from inflora_dist.inject import inject_inflora
+
+WORDS = "what is the sentiment of this tweet positive negative neutral i love it hate rain sunny day answer".split()
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in the test (vocabulary < the tiny Llama's 97), with a chat template."""
+    specials = ["<pad>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = TEMPLATE
+    return fast
+
+
+def test_labels_cover_the_response_and_eos_only(tokenizer):
+    ids, labels = encode_example(tokenizer, "what is the sentiment of i love it", "positive", max_length=64)
+    assert tokenizer.convert_ids_to_tokens(ids[:1]) == ["<|user|>"]
+    answer_start = ids.index(tokenizer.convert_tokens_to_ids("<|assistant|>")) + 1
+    assert all(label == IGNORE for label in labels[:answer_start])
+    assert labels[answer_start:] == ids[answer_start:] == [tokenizer.convert_tokens_to_ids("positive"), 1]
+
+
+def test_truncation_keeps_the_response(tokenizer):
+    ids, labels = encode_example(tokenizer, " ".join(WORDS * 3), "negative", max_length=8)
+    assert len(ids) == 8 and labels[-2:] == [tokenizer.convert_tokens_to_ids("negative"), tokenizer.eos_token_id]
+
+
+def test_loss_is_cross_entropy_over_response_tokens_by_hand(tokenizer):
+    model = tiny_llama()
+    batch = collate_examples(
+        tokenizer, [{"prompt": "what is the sentiment of i hate rain", "response": "negative neutral"}],
+        torch.ones(1), max_length=64,
+    )  # fmt: skip
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = response_loss(logits, batch["labels"])
+    expected, n = 0.0, 0
+    labels = batch["labels"][0].tolist()
+    for t in range(1, len(labels)):
+        if labels[t] != IGNORE:
+            log_probs = torch.log_softmax(logits[0, t - 1].double(), dim=-1)
+            expected -= float(log_probs[labels[t]])
+            n += 1
+    assert int(count) == n == 3  # two response words and the end-of-sequence token
+    assert math.isclose(float(total), expected, rel_tol=1e-5)
+
+
+def test_padding_changes_neither_loss_nor_covariance(tokenizer):
+    """Two examples padded into one batch give the loss and covariance of each example on its own."""
+    examples = [
+        {"prompt": "what is the sentiment of i love it sunny day", "response": "positive"},
+        {"prompt": "answer", "response": "neutral"},
+    ]
+    model = tiny_llama()
+    inflora = InfLoRA(inject_inflora(model, ["q_proj", "k_proj", "v_proj"], rank=2, num_tasks=1), 0.9, 0.99)
+    group = "model.layers.0.self_attn.q_proj+k_proj+v_proj"
+
+    def run(batches):
+        loss, tokens = 0.0, 0
+        with torch.no_grad(), inflora.collector.capturing():
+            for batch in batches:
+                with inflora.collector.token_mask(batch["attention_mask"]):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                total, count = response_loss(logits, batch["labels"])
+                loss, tokens = loss + float(total), tokens + int(count)
+        return loss, tokens, inflora.collector.all_reduce()[group]
+
+    together = run([collate_examples(tokenizer, examples, torch.ones(2), max_length=64)])
+    alone = run([collate_examples(tokenizer, [e], torch.ones(1), max_length=64) for e in examples])
+    assert together[1] == alone[1]
+    assert math.isclose(together[0], alone[0], rel_tol=1e-5)
+    torch.testing.assert_close(together[2], alone[2], rtol=1e-5, atol=1e-6)
+
+
+def test_reader_padding_rows_train_nothing(tokenizer):
+    rows = [{"prompt": "answer", "response": "positive"}] * 2
+    batch = collate_examples(tokenizer, rows, torch.tensor([1.0, 0.0]), max_length=16)
+    assert (batch["labels"][1] == IGNORE).all() and (batch["labels"][0] != IGNORE).any()
+    assert batch["attention_mask"][1].sum() > 0  # still a real sequence for shapes; the covariance pass weights rows
