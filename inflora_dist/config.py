@@ -87,6 +87,7 @@ class InfLoRAConfig:
     fold: str = "merge"
     reduce: str = "all_reduce"
     accumulation_dtype: str = "auto"
+    covariance_max_bytes_per_rank: int | None = None  # split covariance passes to fit (None: one pass)
 
 
 @dataclass
@@ -200,6 +201,9 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
     if cfg.train.max_micro_batch_size is not None and cfg.train.max_micro_batch_size < 1:
         raise ValueError(f"train.max_micro_batch_size must be >= 1 or null, got {cfg.train.max_micro_batch_size!r}")
+    budget = cfg.inflora.covariance_max_bytes_per_rank
+    if budget is not None and budget < 1:
+        raise ValueError(f"inflora.covariance_max_bytes_per_rank must be >= 1 or null, got {budget!r}")
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every_steps < 0:
         raise ValueError(f"checkpoint.keep must be >= 1 and checkpoint.every_steps >= 0, got {cfg.checkpoint}")
     if cfg.train.num_workers < 0:

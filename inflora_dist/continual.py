@@ -12,6 +12,7 @@ runs the subspace math and broadcasts A_t and the updated memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
@@ -91,12 +92,16 @@ class InfLoRA:
             return self.collector.reduce_to_owners(self.owners)
         return self.collector.all_reduce()
 
-    def on_task_start(self, task_id: int) -> dict[str, torch.Tensor]:
+    def on_task_start(
+        self, task_id: int, covariances: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Design A_t for every group from the collected pass over task t's data; install it. Collective.
 
-        Returns the designed A_t per group, (rank, d_in) float64, identical on every rank.
+        `covariances` (this rank's reduced covariances, e.g. from planner.collect_in_passes)
+        replace the collector's. Returns the designed A_t per group, (rank, d_in)
+        float64, identical on every rank.
         """
-        covs = self._reduced_covariances()
+        covs = self._reduced_covariances() if covariances is None else covariances
         designs = {}
         for g in self.collector.groups:
             if g in covs:
@@ -110,9 +115,12 @@ class InfLoRA:
             designs[g] = a
         return designs
 
-    def on_task_end(self, task_id: int) -> None:
-        """Grow every group's memory from the post-task pass (DualGPM) and fold the task's branches. Collective."""
-        covs = self._reduced_covariances()
+    def on_task_end(self, task_id: int, covariances: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Grow every group's memory from the post-task pass (DualGPM) and fold the task's branches. Collective.
+
+        `covariances`, if given, replace the collector's (as in `on_task_start`).
+        """
+        covs = self._reduced_covariances() if covariances is None else covariances
         for g in self.collector.groups:
             if g in covs:
                 self.memories[g].update(covs[g], task_id)

@@ -33,6 +33,7 @@ from inflora_dist import dist
 from inflora_dist.checkpoint import Checkpointer
 from inflora_dist.config import RunConfig, to_yaml
 from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
+from inflora_dist.covariance import CovarianceCollector
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
@@ -41,6 +42,7 @@ from inflora_dist.inject import count_parameters, inject_inflora
 from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
 from inflora_dist.models import ContinualClassifier, load_backbone
 from inflora_dist.monitor import Monitor
+from inflora_dist.planner import collect_in_passes, plan_for
 
 logger = logging.getLogger(__name__)
 
@@ -222,19 +224,36 @@ class ContinualTrainer:
         return meta["wandb_run_id"]
 
     # ------------------------------------------------------------------ passes
-    def _covariance_pass(self, engine: Any, stage: int) -> float:
-        """Collect x x^T of the stage's training data (exact mode) into the collector."""
+    def _covariance_pass(self, engine: Any, stage: int) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """Collect x x^T of the stage's training data (exact mode); returns (reduced covariances, seconds).
+
+        Without `inflora.covariance_max_bytes_per_rank` one pass fills the InfLoRA
+        collector (covariances None: the hooks reduce them). With it, the input
+        groups are split into several passes over the data that fit the budget
+        (planner.py), and this rank's reduced covariances are returned. Collective.
+        """
         start = time.perf_counter()
         tasks = self.stages[stage]
-        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
         engine.eval()
-        collector = self.inflora.collector
-        with torch.no_grad(), collector.capturing(), self._bar(len(loader), f"stage {stage} covariance") as bar:
-            for batch in loader:
-                with collector.token_mask(batch["weight"].to(self.device)):
-                    engine(_images(batch).to(self.device), upto=tasks[-1])
-                bar.update(1)
-        return time.perf_counter() - start
+
+        def run_pass(collector: CovarianceCollector) -> None:
+            loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
+            with torch.no_grad(), self._bar(len(loader), f"stage {stage} covariance") as bar:
+                for batch in loader:
+                    with collector.token_mask(batch["weight"].to(self.device)):
+                        engine(_images(batch).to(self.device), upto=tasks[-1])
+                    bar.update(1)
+
+        budget = self.cfg.inflora.covariance_max_bytes_per_rank
+        if budget is None:
+            with self.inflora.collector.capturing():
+                run_pass(self.inflora.collector)
+            return None, time.perf_counter() - start
+        plan = plan_for(self.inflora, budget, dist.collective_device())
+        if dist.is_main_process():
+            logger.info("covariance plan:\n%s", plan.describe())
+        covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
+        return covs, time.perf_counter() - start
 
     def _evaluate(self, engine: Any, task: int) -> tuple[list[float], list[float]]:
         """Class- and task-incremental accuracy (%) on tasks 0..task. Collective (one all-reduce per task)."""
@@ -330,8 +349,8 @@ class ContinualTrainer:
         if self.cfg.method == "seq_lora":
             start_random_branches(self.inflora.report, stage, self.cfg.seed)
             return 0.0
-        seconds = self._covariance_pass(engine, stage)
-        self.inflora.on_task_start(stage)  # collective
+        covs, seconds = self._covariance_pass(engine, stage)
+        self.inflora.on_task_start(stage, covs)  # collective
         return seconds
 
     def _fold_branches(self, engine: Any, stage: int) -> float:
@@ -339,8 +358,8 @@ class ContinualTrainer:
         if self.cfg.method == "seq_lora":
             finish_branches(self.inflora.report)
             return 0.0
-        seconds = self._covariance_pass(engine, stage)
-        self.inflora.on_task_end(stage)  # collective; folds B A
+        covs, seconds = self._covariance_pass(engine, stage)
+        self.inflora.on_task_end(stage, covs)  # collective; folds B A
         return seconds
 
     def _run_task(self, stage: int) -> bool:

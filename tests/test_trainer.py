@@ -214,3 +214,16 @@ def test_seq_lora_and_bf16_under_zero3(shards, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "seq_lora" and [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert metrics["task_incremental_accuracy_matrix"][0][0] > 70
+
+
+def test_covariance_budget_splits_passes_and_keeps_the_result(runs, shards, tmp_path):
+    """2 processes, owner reduction, a per-rank budget that forces one pass per input group: same A, same matrix."""
+    out = tmp_path / "budget"
+    proc = train(2, out, "inflora.reduce=owner", "inflora.covariance_max_bytes_per_rank=20000", shards=shards)
+    assert "covariance pass 2/2" in proc.stdout + proc.stderr
+    metrics, state = results(out)
+    ref_metrics, ref_state = results(runs(1, 0))
+    for name, tensor in state.items():
+        if ".A." in name:
+            torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
+    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
