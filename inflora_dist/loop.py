@@ -154,9 +154,11 @@ class ContinualTrainer:
         return bool(dist.all_reduce_sum_(flag).item() > 0)
 
     def _loader(self, task: int | list[int], split: str, mode: str, batch: int, accumulation: int = 1) -> TaskLoader:
+        # Training on several tasks at once (joint) interleaves their shards, so every batch mixes the tasks.
+        mix = mode == "train" and isinstance(task, list) and len(task) > 1
         stream = open_task(
             self.seq, task, split, batch_size=batch, mode=mode, seed=self.cfg.seed, index=self.index,
-            accumulation=accumulation,
+            accumulation=accumulation, interleave=mix,
         )  # fmt: skip
         return TaskLoader(stream, num_workers=self.cfg.train.num_workers)
 

@@ -104,3 +104,18 @@ def test_random_cases():
         plans = [plan_rank(sizes, rank=r, world_size=world, batch_size=batch, seed=1) for r in range(world)]
         assert len({p.num_batches for p in plans}) == 1
         assert sum(len(rows(p, b)) for p in plans for b in range(p.num_batches)) == sum(sizes)
+
+
+@pytest.mark.parametrize("sizes,world,batch", [([5, 3, 4], 2, 3), ([10, 10, 10, 10], 3, 4), ([7], 2, 2)])
+def test_interleaved_plan_mixes_shards_and_stays_exact_and_world_invariant(sizes, world, batch):
+    plans = [
+        plan_rank(sizes, rank=r, world_size=world, batch_size=batch, seed=2, interleave=True) for r in range(world)
+    ]
+    seen = [row for p in plans for b in range(p.num_batches) for row in rows(p, b)]
+    assert sorted(seen) == sorted((s, i) for s, n in enumerate(sizes) for i in range(n))
+    one = plan_rank(sizes, rank=0, world_size=1, batch_size=batch * world, seed=2, interleave=True)
+    for k in range(one.num_batches):
+        assert sorted(rows(one, k)) == sorted(row for p in plans for row in rows(p, k))
+    if len(sizes) > 1:  # the first positions come from different shards
+        first = rows(one, 0)[: len(sizes)]
+        assert len({s for s, _ in first}) == min(len(sizes), len(first))

@@ -48,6 +48,7 @@ class RankPlan:
     world_size: int
     batch_size: int  # rows per batch of this rank
     num_batches: int  # the same on every rank
+    interleave: bool = False  # positions go round robin over the shards instead of shard after shard
 
     @property
     def total(self) -> int:
@@ -64,8 +65,26 @@ class RankPlan:
     def _ends(self) -> list[int]:
         return list(itertools.accumulate(self.shard_sizes[s] for s in self.order))  # cumulative, in epoch order
 
+    @functools.cached_property
+    def _levels(self) -> tuple[list[int], list[list[int]]]:
+        # Interleaved order: level i holds sample i of every shard that has one, shards in epoch order.
+        starts, alive, pos = [], [], 0
+        for i in range(max(self.shard_sizes, default=0)):
+            shards = [s for s in self.order if self.shard_sizes[s] > i]
+            starts.append(pos)
+            alive.append(shards)
+            pos += len(shards)
+        return starts, alive
+
     def segments(self, batch: int) -> list[Segment]:
         """Shard segments holding this rank's real rows of `batch`, in order."""
+        if self.interleave:
+            starts, alive = self._levels
+            out = []
+            for p in self.run(batch):
+                level = bisect.bisect_right(starts, p) - 1
+                out.append(Segment(alive[level][p - starts[level]], level, level + 1))
+            return out
         run, ends = self.run(batch), self._ends
         out, pos = [], run.start
         i = bisect.bisect_right(ends, pos)
@@ -96,8 +115,14 @@ def plan_rank(
     seed: int | None = None,
     epoch: int = 0,
     multiple_of: int = 1,
+    interleave: bool = False,
 ) -> RankPlan:
-    """This rank's runs of the epoch; the batch count is rounded up to a multiple of `multiple_of`."""
+    """This rank's runs of the epoch; the batch count is rounded up to a multiple of `multiple_of`.
+
+    `interleave` orders the epoch's positions round robin over the shards (sample 0
+    of every shard, then sample 1, ...), so every batch mixes all shards: for joint
+    training over shards that each hold one task. It costs a seek per sample.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if batch_size < 1:
@@ -114,6 +139,7 @@ def plan_rank(
         world_size=world_size,
         batch_size=batch_size,
         num_batches=math.ceil(steps / multiple_of) * multiple_of,
+        interleave=interleave,
     )
 
 

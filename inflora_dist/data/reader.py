@@ -224,6 +224,7 @@ class TaskStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         accumulation: int = 1,
+        interleave: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         on_error: str = "raise",
@@ -240,6 +241,7 @@ class TaskStream(IterableDataset):
         self.urls, self.shard_sizes = list(urls), [int(s) for s in shard_sizes]
         self.offsets = [list(o) for o in offsets] if offsets is not None else None
         self.batch_size, self.mode, self.seed, self.accumulation = batch_size, mode, seed, accumulation
+        self.interleave = interleave
         self.rank = dist.get_rank() if rank is None else rank
         self.world_size = dist.get_world_size() if world_size is None else world_size
         self.storage_options = dict(storage_options or {})
@@ -267,6 +269,7 @@ class TaskStream(IterableDataset):
             seed=self.seed if self.mode == "train" else None,
             epoch=self.epoch,
             multiple_of=self.accumulation,
+            interleave=self.interleave,
         )
 
     def __len__(self) -> int:
