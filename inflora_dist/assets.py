@@ -371,14 +371,29 @@ def convert_dinov2(onnx_path: str | Path, out_dir: str | Path) -> Path:
         "preprocessing": {"color": "RGB", "scale": "1/255", "mean": IMAGE_MEAN, "std": IMAGE_STD},
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    # safetensors, the model's dtype (float32)
+    return _write_checkpoint(out_dir, model.save_pretrained, provenance, required=(_WEIGHTS,))
+
+
+def _write_checkpoint(
+    out_dir: Path, save: Callable[[Path], object], provenance: dict, required: tuple[str, ...]
+) -> Path:
+    """Write a checkpoint directory atomically enough: `save(tmp)` into a temporary sibling, then move the
+    files in with config.json last (and an old config.json removed first), so a directory whose config.json
+    exists is always complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)  # safetensors, the model's dtype (float32)
+        save(tmp)
         (tmp / _PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         mode = (tmp / _PROVENANCE).stat().st_mode & 0o777  # the umask's; save_pretrained may write 0600 files
+        names = sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != _CONFIG)
+        missing = [n for n in (*required, _CONFIG) if not (tmp / n).is_file()]
+        if missing:
+            raise AssetError(f"save_pretrained wrote no {missing} (transformers changed its layout?)")
         out_dir.mkdir(exist_ok=True)
-        for name in (_WEIGHTS, _PROVENANCE, _CONFIG):
+        (out_dir / _CONFIG).unlink(missing_ok=True)  # --force over an old conversion: not "converted" mid-way
+        for name in (*names, _CONFIG):
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, out_dir / name)
     finally:
@@ -386,18 +401,25 @@ def convert_dinov2(onnx_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def is_converted(out_dir: str | Path) -> bool:
-    """Whether `out_dir` holds a DINOv2 checkpoint: a dinov2 config.json and a model.safetensors with its weights."""
-    out_dir = Path(out_dir)
+def _config_and_weight_names(out_dir: Path) -> tuple[dict, set[str]] | None:
+    """config.json and the tensor names in model.safetensors of `out_dir`; None when either is missing or corrupt."""
     try:
         config = json.loads((out_dir / _CONFIG).read_text())
         from safetensors import safe_open
 
         with safe_open(str(out_dir / _WEIGHTS), framework="np") as f:
-            keys = set(f.keys())
+            return config, set(f.keys())
     except Exception as e:  # missing/corrupt files; safetensors raises its own error type on a bad header
         logger.debug("%s is not a conversion: %s", out_dir, e)
+        return None
+
+
+def is_converted(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a DINOv2 checkpoint: a dinov2 config.json and a model.safetensors with its weights."""
+    found = _config_and_weight_names(Path(out_dir))
+    if found is None:
         return False
+    config, keys = found
     layers = config.get("num_hidden_layers", 0)
     return (
         config.get("model_type") == "dinov2"
@@ -492,40 +514,22 @@ def convert_smollm2(gguf_path: str | Path, out_dir: str | Path) -> Path:
         "dtype": "bfloat16",
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        mode = (tmp / _PROVENANCE).stat().st_mode & 0o777  # the umask's; save_pretrained may write 0600 files
-        names = sorted(f.name for f in tmp.iterdir() if f.is_file() and f.name != _CONFIG)
-        missing = [n for n in (*_LLM_FILES, _CONFIG, "tokenizer_config.json") if not (tmp / n).is_file()]
-        if missing:
-            raise AssetError(f"save_pretrained wrote no {missing} (transformers changed its layout?)")
-        out_dir.mkdir(exist_ok=True)
-        (out_dir / _CONFIG).unlink(missing_ok=True)  # --force over an old conversion: not "converted" mid-way
-        for name in (*names, _CONFIG):
-            os.chmod(tmp / name, mode)
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return _write_checkpoint(out_dir, save, provenance, required=(*_LLM_FILES, "tokenizer_config.json"))
 
 
 def is_llm_converted(out_dir: str | Path) -> bool:
     """Whether `out_dir` holds the converted LLM: a llama config.json, tokenizer files and a model.safetensors with
     the weights of every layer."""
     out_dir = Path(out_dir)
-    try:
-        config = json.loads((out_dir / _CONFIG).read_text())
-        from safetensors import safe_open
-
-        with safe_open(str(out_dir / _WEIGHTS), framework="np") as f:
-            keys = set(f.keys())
-    except Exception as e:  # missing/corrupt files; safetensors raises its own error type on a bad header
-        logger.debug("%s is not a conversion: %s", out_dir, e)
+    found = _config_and_weight_names(out_dir)
+    if found is None:
         return False
+    config, keys = found
     layers = config.get("num_hidden_layers", 0)
     return (
         config.get("model_type") == "llama"
