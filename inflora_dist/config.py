@@ -57,17 +57,24 @@ def merge_structured(schema: type[T], *sources: Mapping | DictConfig, overrides:
 # ----------------------------------------------------------------------------- run config
 @dataclass
 class ModelConfig:
-    """The backbone: a local transformers checkpoint (`pretrained`) or one built from `config` (tiny tests).
+    """The model: a local transformers checkpoint (`pretrained`) or one built from `config` (tiny tests).
 
-    Images arrive as uint8 (H, W[, C]); they are scaled to [0, 1], given
-    `channels` channels (grey is repeated), resized to `image_size` and
-    normalised with `mean`/`std`.
+    kind `vit`: a vision backbone with one classifier head per task. Images
+    arrive as uint8 (H, W[, C]); they are scaled to [0, 1], given `channels`
+    channels (grey is repeated), resized to `image_size` and normalised with `mean`/`std`.
+
+    kind `causal_lm`: a causal language model tuned on instruction tasks; its
+    tokenizer comes from `tokenizer` (default: `pretrained`), examples are cut to
+    `max_length` tokens, and evaluation generates up to `max_new_tokens` greedily.
     """
 
     kind: str = "vit"
     pretrained: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
+    tokenizer: str | None = None
+    max_length: int = 256
+    max_new_tokens: int = 32
     image_size: int = 224
     channels: int = 3
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -166,7 +173,7 @@ class RunConfig:
 
 _CHOICES = {
     "method": ("inflora", "seq_lora", "joint"),
-    "model.kind": ("vit",),
+    "model.kind": ("vit", "causal_lm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "inflora.fold": ("merge", "stack"),
     "inflora.reduce": ("all_reduce", "owner"),
@@ -189,7 +196,10 @@ def validate_run_config(cfg: RunConfig) -> None:
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ValueError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
-    positive = ("inflora.rank", "train.global_batch_size", "train.epochs", "train.eval_batch_size", "model.image_size")
+    positive = (
+        "inflora.rank", "train.global_batch_size", "train.epochs", "train.eval_batch_size", "model.image_size",
+        "model.max_length", "model.max_new_tokens",
+    )  # fmt: skip
     for key in positive:
         if not isinstance(_get(cfg, key), int) or _get(cfg, key) < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {_get(cfg, key)!r}")
@@ -214,6 +224,10 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError("model.pretrained (a local checkpoint dir) or model.config (a transformers config) is needed")
     if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_dir():
         raise FileNotFoundError(f"model.pretrained: {cfg.model.pretrained} is not a directory")
+    if cfg.model.kind == "causal_lm" and not (cfg.model.tokenizer or cfg.model.pretrained):
+        raise ValueError("model.kind causal_lm needs model.tokenizer (a local tokenizer dir) or model.pretrained")
+    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
+        raise FileNotFoundError(f"model.tokenizer: {cfg.model.tokenizer} is not a directory")
     if not cfg.data.tasks:
         raise ValueError("data.tasks (the task-sequence YAML) is required")
     if cfg.data.build is None and "://" not in cfg.data.tasks and not Path(cfg.data.tasks).exists():

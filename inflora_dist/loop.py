@@ -2,14 +2,15 @@
 
 For each task t of the sequence:
 
-    build the task's engine (trainable: B_t of every layer and head t)
+    build the task's engine (trainable: B_t of every layer, and head t for classification)
     covariance pass over task t's training data (exact mode)  -> on_task_start: A_t
     train for `train.epochs` epochs                            (step checkpoints, pre-emption)
     covariance pass with the new branch                        -> on_task_end: DualGPM, fold B_t A_t
-    evaluate tasks 0..t, update the accuracy matrix            -> metrics.json, plots, W&B
+    evaluate tasks 0..t, update the accuracy matrices          -> metrics.json, plots, W&B
     checkpoint; destroy the engine
 
-One process group serves the whole sequence. Every rank runs the same
+What is trained and scored (images and heads, or a causal LM and its generated
+answers) comes from a workload (workloads.py). One process group serves the whole sequence. Every rank runs the same
 collectives in the same order; only rank 0 logs, draws progress bars and
 writes files other than checkpoint shards.
 """
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from inflora_dist import dist
@@ -40,9 +40,9 @@ from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init
 from inflora_dist.export import export_continual_state, export_peft_adapter
 from inflora_dist.inject import count_parameters, inject_inflora
 from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
-from inflora_dist.models import ContinualClassifier, load_backbone
 from inflora_dist.monitor import Monitor
 from inflora_dist.planner import collect_in_passes, plan_for
+from inflora_dist.workloads import build_workload
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,14 @@ class Progress:
     loader: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
 
 
-def _images(batch: dict[str, Any]) -> torch.Tensor:
-    """The image field of a batch: `.npy` arrays or decoded `.jpg`/`.png` files."""
-    for key in ("npy", "jpg", "jpeg", "png"):
-        if key in batch:
-            return batch[key]
-    raise KeyError(f"no image field in the batch (fields: {sorted(batch)})")
+def _steps(loader: TaskLoader, accumulation: int) -> Any:
+    """The loader's micro-batches in lists of `accumulation`: one optimizer step each (the plan pads whole steps)."""
+    step: list[dict[str, Any]] = []
+    for batch in loader:
+        step.append(batch)
+        if len(step) == accumulation:
+            yield step
+            step = []
 
 
 class ContinualTrainer:
@@ -86,17 +88,13 @@ class ContinualTrainer:
         self.index = self.seq.load_index()
         self.names = [t.name for t in self.seq.tasks]
         self.num_tasks = len(self.seq.tasks)
-        sizes = [len(t.classes or []) for t in self.seq.tasks]
-        self.offsets = [sum(sizes[:i]) for i in range(self.num_tasks + 1)]  # task j: logits [offsets[j], offsets[j+1])
+        self.task_metrics = [t.instruction.metric if t.instruction else "accuracy" for t in self.seq.tasks]
         # The tasks trained together at each stage: one per stage, or all at once (the joint upper bound).
         tasks = list(range(self.num_tasks))
         self.stages = [tasks] if cfg.method == "joint" else [[t] for t in tasks]
-        order = self.seq.class_ids
-        self.position = torch.full((max(order) + 1,), -1, dtype=torch.long)
-        self.position[torch.tensor(order)] = torch.arange(len(order))  # dataset label -> logit index
 
-        torch.manual_seed(cfg.seed)  # the same heads on every rank
-        self.model = ContinualClassifier(load_backbone(cfg.model), sizes, cfg.model).to(self.device)
+        self.workload = build_workload(cfg, self.seq, self.device)  # the same model and heads on every rank
+        self.model = self.workload.model
         report = inject_inflora(
             self.model,
             cfg.inflora.targets,
@@ -115,8 +113,8 @@ class ContinualTrainer:
         self.micro, self.accumulation = batch_layout(
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
         )
-        self.cil, self.til = AccuracyMatrix(num_tasks=self.num_tasks), AccuracyMatrix(num_tasks=self.num_tasks)
-        self.joint: list[list[float]] = []  # method=joint: [class-incremental, task-incremental] per task
+        self.matrices = {key: AccuracyMatrix(num_tasks=self.num_tasks) for key in self.workload.matrices}
+        self.joint: dict[str, list[float]] = {}  # method=joint: each matrix's one row, all tasks trained at once
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         run_id = self._resume()
@@ -176,9 +174,8 @@ class ContinualTrainer:
             tensors[f"memory.{g}"] = memory.basis
         meta = {
             "progress": asdict(self.progress),
-            "accuracy_matrix": self.cil.rows,
-            "task_incremental_accuracy_matrix": self.til.rows,
-            "joint_accuracy": self.joint,
+            "matrices": {key: m.rows for key, m in self.matrices.items()},
+            "joint": self.joint,
             "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
             "wandb_run_id": self.monitor.run_id,
             "world_size": self.world,
@@ -209,11 +206,8 @@ class ContinualTrainer:
             memory.load_state_dict(
                 {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"memory.{g}"]}
             )
-        self.cil, self.til = (
-            AccuracyMatrix(meta["accuracy_matrix"], num_tasks=self.num_tasks),
-            AccuracyMatrix(meta["task_incremental_accuracy_matrix"], num_tasks=self.num_tasks),
-        )
-        self.joint = meta["joint_accuracy"]
+        self.matrices = {key: AccuracyMatrix(rows, num_tasks=self.num_tasks) for key, rows in meta["matrices"].items()}
+        self.joint = meta["joint"]
         self.progress = Progress(**meta["progress"])
         if self.progress.phase == "train" and meta["world_size"] != self.world:
             raise RuntimeError(
@@ -241,9 +235,10 @@ class ContinualTrainer:
         def run_pass(collector: CovarianceCollector) -> None:
             loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
             with torch.no_grad(), self._bar(len(loader), f"stage {stage} covariance") as bar:
-                for batch in loader:
-                    with collector.token_mask(batch["weight"].to(self.device)):
-                        engine(_images(batch).to(self.device), upto=tasks[-1])
+                for raw in loader:
+                    batch = self.workload.prepare(raw)
+                    with collector.token_mask(self.workload.token_mask(batch)):
+                        self.workload.forward(engine, batch, upto=tasks[-1])
                     bar.update(1)
 
         budget = self.cfg.inflora.covariance_max_bytes_per_rank
@@ -257,73 +252,66 @@ class ContinualTrainer:
         covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
         return covs, time.perf_counter() - start
 
-    def _evaluate(self, engine: Any, task: int) -> tuple[list[float], list[float]]:
-        """Class- and task-incremental accuracy (%) on tasks 0..task. Collective (one all-reduce per task)."""
+    def _evaluate(self, engine: Any, upto: int) -> list[list[float]]:
+        """One row per accuracy matrix: the scores (%) of tasks 0..upto. Collective (one all-reduce per task)."""
         engine.eval()
-        cil, til = [], []
-        for j in range(task + 1):
-            counts = torch.zeros(3, dtype=torch.float64, device=dist.collective_device())
+        rows: list[list[float]] = [[] for _ in self.workload.matrices]
+        for j in range(upto + 1):
+            sums = torch.zeros(len(self.workload.matrices) + 1, dtype=torch.float64)
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
-            lo, hi = self.offsets[j], self.offsets[j + 1]
-            with torch.no_grad():
-                for batch in loader:
-                    logits = engine(_images(batch).to(self.device), upto=task).float()
-                    target = self.position[batch["cls"]].to(self.device)
-                    w = batch["weight"].to(self.device).double()
-                    counts[0] += ((logits.argmax(1) == target).double() * w).sum().to(counts.device)
-                    counts[1] += ((logits[:, lo:hi].argmax(1) + lo == target).double() * w).sum().to(counts.device)
-                    counts[2] += w.sum().to(counts.device)
-            dist.all_reduce_sum_(counts)  # collective
-            cil.append(100.0 * float(counts[0] / counts[2]))
-            til.append(100.0 * float(counts[1] / counts[2]))
-        return cil, til
+            with torch.no_grad(), self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
+                for raw in loader:
+                    sums += self.workload.score(engine, self.workload.prepare(raw), j, upto).cpu()
+                    bar.update(1)
+            sums = dist.all_reduce_sum_(sums.to(dist.collective_device()))  # collective
+            for row, value in zip(rows, self.workload.finish(sums), strict=True):
+                row.append(value)
+        return rows
 
     # ------------------------------------------------------------------ training
     def _set_trainable(self, stage: int) -> list[dict[str, Any]]:
-        """Only B_stage of every layer and the stage's heads train; returns their optimizer groups."""
+        """Only B_stage of every layer and the stage's heads (if any) train; returns their optimizer groups."""
         for p in self.model.parameters():
             p.requires_grad_(False)
         branches = [layer.lora_B(stage) for layer in self.inflora.report.layers.values()]
-        head = [p for t in self.stages[stage] for p in self.model.heads[t].parameters()]
+        head = [p for t in self.stages[stage] for p in self.workload.task_parameters(t)]
         for p in branches + head:
             p.requires_grad_(True)
         head_lr = self.cfg.train.head_lr or self.cfg.train.lr
-        return [{"params": branches}, {"params": head, "lr": head_lr}]
+        return [{"params": branches}] + ([{"params": head, "lr": head_lr}] if head else [])
 
     def _fit(self, engine: Any, task: int, loader: TaskLoader) -> bool:
         """Train stage `task` to the end of its epochs; False if stopped by a pre-emption signal."""
         cfg, a = self.cfg, self.accumulation
         tasks = self.stages[task]
-        total = sum(self.seq.tasks[t].train.samples for t in tasks)
-        step_rows = self.micro * self.world * a
-        lo, n = self.offsets[tasks[0]], self.offsets[tasks[-1] + 1] - self.offsets[tasks[0]]  # the stage's logits
         steps_per_epoch = len(loader) // a
         bar = self._bar(cfg.train.epochs * steps_per_epoch, f"task {task} train")
         bar.update(self.progress.step)
         tick, samples = time.perf_counter(), 0.0
         while loader.epoch < cfg.train.epochs:
             engine.train()
-            for batch in loader:
-                k = loader.stream.consumed - 1  # micro-batch index in the epoch
-                logits = engine(_images(batch).to(self.device), upto=tasks[-1])[:, lo : lo + n]
-                target = self.position[batch["cls"]].to(self.device) - lo
-                w = batch["weight"].to(self.device)
-                # Mean over the optimizer step's real rows, whatever the ranks and accumulation:
-                # DeepSpeed divides by `a` and averages over ranks, so scale the local sum by a * world / rows.
-                real = min(step_rows, total - (k // a) * step_rows)
-                loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() * (a * self.world / max(real, 1))
-                engine.backward(loss)
-                engine.step()
-                samples += float(w.sum())
-                if (k + 1) % a:
-                    continue
+            for step in _steps(loader, a):
+                batches = [self.workload.prepare(b) for b in step]
+                # The loss is a mean over the step's units (real rows, or response tokens) on every rank, whatever
+                # the ranks and accumulation: DeepSpeed divides by `a` and averages over ranks, so each micro-batch's
+                # summed loss is scaled by a * world / (the step's units, all ranks).
+                local_units = float(sum(self.workload.units(b) for b in batches))
+                units = dist.all_reduce_sum_(torch.tensor([local_units], device=dist.collective_device()))  # collective
+                scale = a * self.world / max(float(units), 1.0)
+                local_loss = 0.0
+                for batch in batches:
+                    loss = self.workload.loss(engine, batch, tasks)
+                    engine.backward(loss * scale)
+                    engine.step()
+                    local_loss += float(loss.detach())
+                samples += sum(float(b["weight"].sum()) for b in batches)
                 self.progress.step += 1
                 self.progress.global_step += 1
                 bar.update(1)
                 if self.progress.step % cfg.train.log_every == 0:
                     elapsed = time.perf_counter() - tick
                     values = {
-                        "train/loss": float(loss) * max(real, 1) / (a * self.world * max(float(w.sum()), 1.0)),
+                        "train/loss": local_loss / max(local_units, 1.0),  # this rank's share of the step
                         "train/lr": engine.get_lr()[0],
                         "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                         "train/samples_per_s": samples * self.world / max(elapsed, 1e-9),
@@ -387,12 +375,12 @@ class ContinualTrainer:
                 return False
             logger.info("stage %d: folding the branch", stage)
             seconds = self._fold_branches(engine, stage)
-            cil, til = self._evaluate(engine, tasks[-1])
+            rows = self._evaluate(engine, tasks[-1])
             if cfg.method == "joint":
-                self.joint = [cil, til]
+                self.joint = dict(zip(self.workload.matrices, rows, strict=True))
             else:
-                self.cil.add_row(cil)
-                self.til.add_row(til)
+                for key, row in zip(self.workload.matrices, rows, strict=True):
+                    self.matrices[key].add_row(row)
             self.progress = Progress(task=stage + 1, phase="start", global_step=self.progress.global_step)
             self._report(seconds)
             self._save(f"task{stage}-done")
@@ -407,28 +395,32 @@ class ContinualTrainer:
         for g, m in self.inflora.memories.items():
             values[f"subspace/{g}/dim"] = m.protected_dim
             values[f"subspace/{g}/retain"] = int(m.mode == "retain")
+        primary, *others = self.workload.matrices
         if self.cfg.method == "joint":
-            cil, til = self.joint
-            avg = sum(cil) / len(cil)
+            scores = self.joint[primary]
+            avg = sum(scores) / len(scores)
             summary = {"method": "joint", "avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0}
-            summary.update(joint_accuracy=cil, joint_task_incremental_accuracy=til, task_names=self.names)
+            summary.update({f"joint_{key.removesuffix('_matrix')}": row for key, row in self.joint.items()})
+            summary.update(task_names=self.names, task_metrics=self.task_metrics)
             tmp = self.out / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, self.out / "metrics.json")
             print(
-                "joint training, accuracy per task: "
-                + ", ".join(f"{n} {a:.2f}" for n, a in zip(self.names, cil, strict=True))
+                "joint training, score per task: "
+                + ", ".join(f"{n} {a:.2f}" for n, a in zip(self.names, scores, strict=True))
             )
-            print(f"average accuracy {avg:.2f}", flush=True)
+            print(f"average {avg:.2f}", flush=True)
             self.monitor.log({**values, "cl/avg_acc": avg}, self.progress.global_step)
             return
-        extra = {"method": self.cfg.method, "task_incremental_accuracy_matrix": self.til, "task_names": self.names}
-        save_metrics(self.out / "metrics.json", self.cil, extra)
-        images = save_plots(self.cil, self.out, self.names)
-        print(format_table(self.cil, self.names), flush=True)
-        values.update({f"cl/{k}": v for k, v in self.cil.metrics().items()})
+        main = self.matrices[primary]
+        extra: dict[str, Any] = {"method": self.cfg.method, "task_names": self.names, "task_metrics": self.task_metrics}
+        extra.update({key: self.matrices[key] for key in others})
+        save_metrics(self.out / "metrics.json", main, extra)
+        images = save_plots(main, self.out, self.names)
+        print(format_table(main, self.names), flush=True)
+        values.update({f"cl/{k}": v for k, v in main.metrics().items()})
         self.monitor.log(values, self.progress.global_step)
-        self.monitor.log_matrix(self.cil.rows, self.names, images[0], self.progress.global_step)
+        self.monitor.log_matrix(main.rows, self.names, images[0], self.progress.global_step)
 
     # ------------------------------------------------------------------ entry
     def run(self) -> int:
@@ -448,5 +440,11 @@ class ContinualTrainer:
         if dist.is_main_process():
             stage_names = ["+".join(self.names[t] for t in tasks) for tasks in self.stages]
             export_continual_state(self.inflora, self.out / "continual_state.safetensors", stage_names)
-        export_peft_adapter(self.model, self.inflora.report, self.out / "peft_adapter", self.cfg.model.pretrained)
+        export_peft_adapter(
+            self.model,
+            self.inflora.report,
+            self.out / "peft_adapter",
+            self.cfg.model.pretrained,
+            task_type=self.workload.peft_task_type,
+        )
         dist.barrier()

@@ -1,7 +1,7 @@
-"""Models: a transformers vision backbone with one classifier head per task.
+"""Models: a transformers vision backbone with one classifier head per task, or a causal LM.
 
-The backbone is loaded with `from_pretrained` from a local directory, or built
-from a transformers config (`model_type` plus its fields) for tiny test models.
+Models are loaded with `from_pretrained` from a local directory, or built from
+a transformers config (`model_type` plus its fields) for tiny test models.
 Nothing is downloaded.
 """
 
@@ -12,23 +12,36 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from inflora_dist.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_backbone(cfg: ModelConfig) -> nn.Module:
-    """The transformers backbone: from a local checkpoint directory, or built from `cfg.config`."""
+def load_backbone(cfg: ModelConfig, auto_class: type = AutoModel) -> nn.Module:
+    """The transformers model (`auto_class`): from a local checkpoint directory, or built from `cfg.config`."""
     dtype = DTYPES[cfg.dtype]
     if cfg.pretrained:
-        return AutoModel.from_pretrained(cfg.pretrained, dtype=dtype, local_files_only=True)
+        return auto_class.from_pretrained(cfg.pretrained, dtype=dtype, local_files_only=True)
     fields = dict(cfg.config)
     model_type = fields.pop("model_type", None)
     if model_type is None:
-        raise ValueError("model.config needs a model_type (e.g. vit, dinov2)")
-    return AutoModel.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
+        raise ValueError("model.config needs a model_type (e.g. vit, dinov2, llama)")
+    return auto_class.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
+
+
+def load_causal_lm(cfg: ModelConfig) -> nn.Module:
+    """A transformers causal LM (`AutoModelForCausalLM`), pre-trained or built from `cfg.config`."""
+    return load_backbone(cfg, AutoModelForCausalLM)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of `cfg.tokenizer` (default: the pretrained dir), with a pad token (eos when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.pretrained, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 class TaskHead(nn.Linear):

@@ -6,10 +6,13 @@ otherwise); the loss sees response tokens only (labels -100 elsewhere).
 `collate_examples` right-pads a batch: `attention_mask` marks real tokens (the
 covariance passes use every real token, prompt and response), padding carries
 label -100, and rows of weight 0 (the reader's padding rows) carry no label at all.
+`collate_prompts` left-pads prompts for batched generation, and `exact_match` /
+`rouge_l` score the generated answers.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,15 +48,28 @@ def encode_example(
     return head + tail, [IGNORE] * len(head) + tail
 
 
+def _per_row(system_prompt: str | Sequence[str | None] | None, rows: int) -> list[str | None]:
+    if system_prompt is None or isinstance(system_prompt, str):
+        return [system_prompt] * rows
+    if len(system_prompt) != rows:
+        raise ValueError(f"{len(system_prompt)} system prompts for {rows} rows")
+    return list(system_prompt)
+
+
 def collate_examples(
     tokenizer: Any,
     rows: Sequence[Mapping[str, str]],
     weights: torch.Tensor,
     max_length: int,
-    system_prompt: str | None = None,
+    system_prompt: str | Sequence[str | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, `labels` (B, T) and the row `weight` (B,)."""
-    encoded = [encode_example(tokenizer, r["prompt"], r["response"], max_length, system_prompt) for r in rows]
+    """Right-padded `input_ids`, `attention_mask`, `labels` (B, T) and the row `weight` (B,).
+
+    `system_prompt`: one for every row, or one per row (rows of several tasks)."""
+    systems = _per_row(system_prompt, len(rows))
+    encoded = [
+        encode_example(tokenizer, r["prompt"], r["response"], max_length, s) for r, s in zip(rows, systems, strict=True)
+    ]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -79,3 +95,57 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss, (shift_labels != IGNORE).sum()
+
+
+def collate_prompts(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, str]],
+    max_length: int,
+    system_prompt: str | Sequence[str | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompt ids and attention mask (B, T) for generation: every row's answer starts at column T.
+
+    A prompt longer than `max_length` keeps its last `max_length` tokens (where the answer starts).
+    """
+    systems = _per_row(system_prompt, len(rows))
+    prompts = [prompt_ids(tokenizer, r["prompt"], s)[-max_length:] for r, s in zip(rows, systems, strict=True)]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        mask[i, width - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------- scoring generations
+def normalize_answer(text: str) -> list[str]:
+    """Lower-case words of `text`, punctuation dropped (the tokenisation of the ROUGE and SQuAD scorers)."""
+    return re.sub(r"[^0-9a-z]+", " ", text.lower()).split()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalised prediction equals the normalised reference (a label word), else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of the normalised words: longest common subsequence against both lengths."""
+    p, r = normalize_answer(prediction), normalize_answer(reference)
+    if not p or not r:
+        return float(p == r)
+    previous = [0] * (len(r) + 1)
+    for word in p:  # one row of the LCS table at a time
+        current = [0]
+        for j, ref_word in enumerate(r):
+            current.append(previous[j] + 1 if word == ref_word else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+SCORERS = {"exact_match": exact_match, "rouge_l": rouge_l}
