@@ -11,7 +11,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from inflora_dist.continual import InfLoRA
-from inflora_dist.data.text import IGNORE, collate_examples, encode_example, response_loss
+from inflora_dist.data.text import (
+    IGNORE,
+    collate_examples,
+    collate_prompts,
+    encode_example,
+    exact_match,
+    response_loss,
+    rouge_l,
+)
 from inflora_dist.inject import inject_inflora
 
 WORDS = "what is the sentiment of this tweet positive negative neutral i love it hate rain sunny day answer".split()
@@ -98,3 +106,39 @@ def test_reader_padding_rows_train_nothing(tokenizer):
     batch = collate_examples(tokenizer, rows, torch.tensor([1.0, 0.0]), max_length=16)
     assert (batch["labels"][1] == IGNORE).all() and (batch["labels"][0] != IGNORE).any()
     assert batch["attention_mask"][1].sum() > 0  # still a real sequence for shapes; the covariance pass weights rows
+
+
+def test_prompts_are_left_padded_for_generation(tokenizer):
+    rows = [{"prompt": "what is the sentiment of i love it sunny day"}, {"prompt": "answer"}]
+    batch = collate_prompts(tokenizer, rows, max_length=64)
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    assert (batch["input_ids"][:, -1] == assistant).all()  # every answer starts at the same column
+    short = batch["attention_mask"][1]
+    assert short[0] == 0 and short[-1] == 1 and (short.diff() >= 0).all()
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer):
+    model = tiny_llama()
+    rows = [{"prompt": "what is the sentiment of i love it sunny day"}, {"prompt": "answer"}]
+    batch = collate_prompts(tokenizer, rows, max_length=64)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    together = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+    for i, row in enumerate(rows):
+        alone = collate_prompts(tokenizer, [row], max_length=64)
+        out = model.generate(**alone, **kwargs)[:, alone["input_ids"].shape[1] :]
+        assert out[0].tolist() == together[i].tolist()
+
+
+def test_exact_match_normalises_case_and_punctuation():
+    assert exact_match(" Positive.", "positive") == 1.0
+    assert exact_match("positive sentiment", "positive") == 0.0
+    assert exact_match("", "positive") == 0.0
+
+
+def test_rouge_l_by_hand():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat": P = R = 5/6.
+    assert math.isclose(rouge_l("The cat sat on the mat.", "the cat is on the mat"), 5 / 6)
+    # LCS = "a c": P = 2/2, R = 2/4, F1 = 2/3.
+    assert math.isclose(rouge_l("a c", "a b c d"), 2 / 3)
+    assert rouge_l("x y", "a b") == 0.0
+    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
