@@ -21,7 +21,7 @@ ASSETS ?= assets
 DINOV2 := $(ASSETS)/dinov2-vits14/model.safetensors
 SMOLLM2 := $(ASSETS)/smollm2-135m-instruct/model.safetensors
 
-.PHONY: install assets test demo lint clean
+.PHONY: install assets cluster-deps test demo lint clean
 
 install: $(STAMP) $(FASHION_MNIST)
 
@@ -51,7 +51,12 @@ $(SMOLLM2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
 	bash scripts/install_assets.sh $(VENV)
 	$(PY) -m inflora_dist.assets llm --out $(ASSETS)/smollm2-135m-instruct --force
 
-test: install assets
+# slurm-wlm, munge and iproute2 from Debian for tests/cluster (real daemons, network namespaces);
+# installed only when missing (root or sudo), else a warning and those tests are skipped.
+cluster-deps:
+	@bash scripts/install_cluster_deps.sh
+
+test: install assets cluster-deps
 	$(PY) -m ruff check inflora_dist tests launch
 	$(PY) -m pytest -q
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install the Debian packages the cluster tests (tests/cluster) run for real:
+#   slurm-wlm  - slurmctld, slurmd and the client commands (sbatch, srun, scontrol, ...)
+#   munge      - the authentication daemon slurm needs
+#   iproute2   - `ip netns` / veth pairs for the two-host process-group test
+# Only missing packages are installed, as root or through sudo; without either the script
+# warns and exits 0: the tests that need them are then skipped with that reason.
+#
+#   scripts/install_cluster_deps.sh
+set -euo pipefail
+
+# package -> a file it installs (what we check for; dpkg -s would also accept a half-removed package)
+declare -A PROVIDES=([slurm-wlm]=/usr/sbin/slurmctld [munge]=/usr/sbin/munged [iproute2]=/usr/sbin/ip)
+# slurmd lives in its own package on Debian; slurm-wlm depends on it, but check it too.
+PROVIDES[slurmd]=/usr/sbin/slurmd
+
+missing=()
+for pkg in "${!PROVIDES[@]}"; do
+    [ -e "${PROVIDES[$pkg]}" ] || missing+=("$pkg")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" = 0 ]; then
+    SUDO=()
+elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    SUDO=(sudo)
+else
+    echo "WARNING: install Debian's ${missing[*]} (root needed); the cluster tests are skipped until then" >&2
+    exit 0
+fi
+echo "install_cluster_deps: installing ${missing[*]}"
+# The tests start their own daemons (own config, own munge key): the packages' services are not needed.
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
