@@ -1,0 +1,69 @@
+"""Fixtures of the cluster tests: a real two-node SLURM cluster, the tiny task sequence, a 1-process reference run."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from slurm_cluster import SlurmCluster, make_root, unavailable
+from trainer_runs import REPO, env, train
+
+from inflora_dist.data.build_shards import FASHION_MNIST_DIR
+from inflora_dist.data.build_shards import main as build_shards
+
+VENV = Path(sys.executable).parent.parent
+
+
+@pytest.fixture(scope="session")
+def job_env() -> dict[str, str]:
+    """The environment of the processes the cluster tests start (batch jobs and launchers).
+
+    Their PATH starts with the venv's bin (as the batch script sets it), so DeepSpeed's JIT builds
+    run the venv's ninja. Its build log does not read like the system ninja's, which the rest of
+    the suite runs: a shared build directory would be rebuilt (~30 s) at every switch, so the
+    cluster tests build in their own.
+    """
+    e = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    e["VENV"] = str(VENV)
+    e["PATH"] = f"{VENV / 'bin'}:{e.get('PATH', '/usr/bin:/bin')}"
+    e["TORCH_EXTENSIONS_DIR"] = str(REPO / ".cache" / "torch_extensions-cluster")
+    return e
+
+
+@pytest.fixture(scope="session")
+def cluster(job_env) -> Iterator[SlurmCluster]:
+    """munged, slurmctld and slurmd n1, n2 running on this machine for the session; all stopped at the end."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    root = make_root()
+    slurm = SlurmCluster(root)
+    slurm.env.update(job_env)
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The tiny config's task sequence (3 Fashion-MNIST tasks of 2 classes), built once."""
+    if not Path(FASHION_MNIST_DIR).exists():
+        pytest.skip("Fashion-MNIST is not installed (make test installs Debian's dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("cluster-tiny") / "shards"
+    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2",
+                  "--train-per-class", "96", "--eval-per-class", "32", "--shard-size", "40", "--quiet"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted 1-process run of the tiny config (what every multi-node run must reproduce)."""
+    out = tmp_path_factory.mktemp("cluster-reference") / "run"
+    train(1, out, shards=shards)
+    return out
