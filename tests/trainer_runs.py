@@ -14,6 +14,7 @@ from inflora_dist.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_vit.yaml"
+LLM_CONFIG = REPO / "configs" / "tiny_llm.yaml"
 
 
 def env() -> dict[str, str]:
@@ -25,17 +26,19 @@ def env() -> dict[str, str]:
     return e
 
 
-def command(nproc: int, *overrides: str) -> list[str]:
-    script = [str(REPO / "launch" / "train.py"), "--config", str(CONFIG), *overrides]
+def command(nproc: int, *overrides: str, config: Path = CONFIG) -> list[str]:
+    script = [str(REPO / "launch" / "train.py"), "--config", str(config), *overrides]
     if nproc == 1:
         return [sys.executable, *script]
     torchrun = Path(sys.executable).with_name("torchrun")
     return [str(torchrun), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *script]
 
 
-def train(nproc: int, out: Path, *overrides: str, shards: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the tiny config to completion; raise with the output if it fails."""
-    args = command(nproc, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *overrides)
+def train(
+    nproc: int, out: Path, *overrides: str, shards: Path, timeout: int = 600, config: Path = CONFIG
+) -> subprocess.CompletedProcess:
+    """Run a tiny config (the ViT one by default) to completion; raise with the output if it fails."""
+    args = command(nproc, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *overrides, config=config)
     proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(

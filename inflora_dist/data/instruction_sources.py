@@ -55,17 +55,28 @@ def read_conversations(language: str = "english") -> dict[str, list[tuple[str, s
     return topics
 
 
-def tweet_sentiment_task(per_label: int, seed: int = 0) -> list[dict[str, str]]:
-    """Tweet sentiment as an instruction task with label words (scored by exact match)."""
+def tweet_sentiment_task(
+    per_label: int, seed: int = 0, labels: Sequence[str] = ("negative", "positive")
+) -> list[dict[str, str]]:
+    """Tweet sentiment as an instruction task with label words (scored by exact match).
+
+    Binary by default: a 135M model tuned on a few hundred tweets learns negative/positive,
+    while the three-way task (with the corpus's noisy `neutral`) stays at chance on that budget.
+    """
+    unknown = set(labels) - set(SENTIMENTS)
+    if unknown:
+        raise ValueError(f"unknown sentiment labels {sorted(unknown)}; the corpus has {SENTIMENTS}")
     rng = random.Random(seed)
-    by_label: dict[str, list[str]] = {label: [] for label in SENTIMENTS}
+    by_label: dict[str, list[str]] = {label: [] for label in labels}
     for text, label in read_tweets():
-        by_label[label].append(text)
+        if label in by_label:
+            by_label[label].append(text)
+    options = " or ".join(labels)
     records = []
     for label, texts in by_label.items():
         rng.shuffle(texts)
         for text in texts[:per_label]:
-            prompt = f"What is the sentiment of this tweet? Answer negative, neutral or positive.\nTweet: {text}"
+            prompt = f"What is the sentiment of this tweet? Answer {options}.\nTweet: {text}"
             records.append({"prompt": prompt, "response": label})
     rng.shuffle(records)
     return records
@@ -103,7 +114,7 @@ TOPIC_TASK_TOPICS = ("trivia", "coding", "ai", "computers")
 def demo_sequence(per_label: int, seed: int = 0) -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
     """Three real instruction tasks for the LLM demo, and their metrics.
 
-    tweet_sentiment (3 label words, exact match), question_topic (4 label words,
+    tweet_sentiment (2 label words, exact match), question_topic (4 label words,
     exact match) and trivia_answers (open-ended, ROUGE-L); `per_label` records
     per label (the answer task takes 3 x per_label records).
     """
