@@ -64,6 +64,10 @@ test: install assets cluster-deps
 demo: install assets
 	$(PY) launch/train.py --config configs/demo_vit.yaml
 
+# The LLM default: SmolLM2-135M-Instruct learning 3 packaged instruction tasks in sequence.
+demo-llm: install assets
+	$(PY) launch/train.py --config configs/demo_llm.yaml
+
 lint: install
 	$(PY) -m ruff check inflora_dist tests
 	$(PY) -m ruff format --check inflora_dist tests
