@@ -21,7 +21,7 @@ ASSETS ?= assets
 DINOV2 := $(ASSETS)/dinov2-vits14/model.safetensors
 SMOLLM2 := $(ASSETS)/smollm2-135m-instruct/model.safetensors
 
-.PHONY: install assets cluster-deps test demo lint clean
+.PHONY: install assets cluster-deps test demo demo-llm lint clean
 
 install: $(STAMP) $(FASHION_MNIST)
 
