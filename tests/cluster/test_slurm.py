@@ -25,6 +25,8 @@ TRAIN = REPO / "slurm" / "train.sbatch"
 SWEEP = REPO / "slurm" / "sweep.sbatch"
 CHAIN = REPO / "slurm" / "chain.sh"
 CONFIG = "configs/tiny_vit.yaml"  # as a user passes it: relative to the repository root, where the job runs
+# A checkpoint every 3 steps (none pruned) to time the pre-emption by; they do not change the result.
+STEP_CHECKPOINTS = ("checkpoint.every_steps=3", "checkpoint.keep=50")
 
 
 def assert_same_a(out: Path, ref: Path, atol: float = 1e-5) -> None:
@@ -90,9 +92,9 @@ def test_two_node_job_reproduces_one_process(cluster, two_node_job, reference):
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, shards, two_node_job, tmp_path):
     """USR1 to the batch shell mid-run: the processes checkpoint, the job requeues, resumes, same result."""
     out = tmp_path / "run"
-    job = cluster.submit(TRAIN, CONFIG, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "checkpoint.keep=20",
+    job = cluster.submit(TRAIN, CONFIG, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *STEP_CHECKPOINTS,
                          cwd=REPO)  # fmt: skip
-    wait_for_checkpoint(cluster, job, out, "*-task0-done")
+    wait_for_checkpoint(cluster, job, out, "*-task0-step3")  # signalled with most of the run still to go
     preempt(cluster, job)
     info = cluster.wait(job, log=cluster.jobs / f"inflora-{job}.out")
     log = cluster.log(job)
@@ -142,12 +144,12 @@ def test_chain_of_dependent_jobs_continues_one_run(cluster, shards, reference, t
     """chain.sh 2: job 1 pre-empted (not requeued: REQUEUE=0), job 2 (afterany) resumes: the uninterrupted result."""
     out = tmp_path / "chain"
     sbatch_options = ["--nodes=1", f"--output={cluster.jobs}/%x-%j.out"]
-    args = [*sbatch_options, "--", CONFIG, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "checkpoint.keep=20"]
+    args = [*sbatch_options, "--", CONFIG, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *STEP_CHECKPOINTS]
     proc = subprocess.run([str(CHAIN), "2", *args], cwd=REPO, env=cluster.env, capture_output=True, text=True,
                           timeout=60, check=True)  # fmt: skip
     first, second = proc.stdout.split()
     assert cluster.job(second)["Dependency"] == f"afterany:{first}(unfulfilled)"
-    wait_for_checkpoint(cluster, first, out, "*-task0-done")
+    wait_for_checkpoint(cluster, first, out, "*-task0-step3")
     preempt(cluster, first)
     info = cluster.wait(first)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", cluster.log(first)[-4000:]  # stopped, not done
