@@ -187,13 +187,16 @@ def test_per_task_caps_keep_a_seeded_subset_in_file_order(bench):
     assert any(other[t] != train[t] for t in train)
 
 
-def test_records_feed_the_instruction_shard_builder(bench, tmp_path):
-    """The builder takes the reader's records as they are (here with its own eval split, until it takes test)."""
-    from inflora_dist.data.build_shards import build_instruction
+def test_shard_builder_trains_on_train_and_evaluates_on_test(bench, tmp_path):
+    """`build_shards olora`: train.json becomes the train split, test.json the eval split, in the order's order."""
+    from inflora_dist.data.build_shards import main as build_shards
 
-    train, _, metrics = olora.records_for_build(bench, "order2")
-    config = build_instruction(train, str(tmp_path / "shards"), eval_fraction=0.5, metrics=metrics, progress=False)
+    out = tmp_path / "shards"
+    config = build_shards(["olora", "--root", str(bench), "--order", "order2", "--out", str(out), "--quiet"])
+    train, held_out, _ = olora.records_for_build(bench, "order2")
     assert [t.name for t in config.tasks] == olora.ORDERS["order2"]
+    for task in config.tasks:
+        assert (task.train.samples, task.eval.samples) == (len(train[task.name]), len(held_out[task.name]))
     agnews = config.tasks[2]
     assert agnews.instruction.metric == "exact_match" and agnews.instruction.labels == sorted(LABELS["TC/agnews"])
 

@@ -5,6 +5,7 @@
     python -m inflora_dist.data.build_shards imagefolder --root imagenet-r --tasks 10 --classes-per-task 20 ...
     python -m inflora_dist.data.build_shards jsonl a.jsonl b.jsonl --out runs/shards/text
     python -m inflora_dist.data.build_shards llm-demo --out runs/shards/llm_demo --per-label 60
+    python -m inflora_dist.data.build_shards olora --root /data/O-LoRA/CL_Benchmark --order order1 --out ...
 
 Writes under --out (any fsspec URL): `train/<task>-NNNNNN.tar`, `eval/<task>-NNNNNN.tar`,
 `index.json` (per shard: samples, bytes, sha256; per task: samples per split)
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from inflora_dist.config import to_yaml
 from inflora_dist.data.instruction_sources import demo_sequence
+from inflora_dist.data.olora import ORDERS, records_for_build
 from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
 from inflora_dist.data.spec import METRICS, InstructionSpec, SplitSpec, TaskSequenceConfig, TaskSpec, validate
 
@@ -249,6 +251,7 @@ def build_instruction(
     out: str,
     *,
     eval_fraction: float = 0.1,
+    eval_records: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
     metrics: Mapping[str, str] | None = None,
     seed: int = 0,
     shard_size: int = 1000,
@@ -258,35 +261,48 @@ def build_instruction(
     """An instruction-tuning sequence, one task per key of `records` (in order).
 
     Each sample is `{"__key__": "<task>-<n>", "json": {"prompt", "response", "task"}}`. A seeded
-    `eval_fraction` of each task is held out. Exact-match tasks list their distinct responses as labels.
+    `eval_fraction` of each task is held out; with `eval_records` (the same tasks: e.g. a benchmark's own
+    test split) all of `records` is trained on and `eval_records` is the eval split, `eval_fraction` unused.
+    Exact-match tasks list their distinct responses (of both splits) as labels.
     """
     storage_options = dict(storage_options or {})
     metrics = dict(metrics or {})
-    if not 0 < eval_fraction < 1:
+    if eval_records is None and not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if eval_records is not None and list(eval_records) != list(records):
+        raise ValueError(f"eval_records name tasks {list(eval_records)}, records name {list(records)}: they must match")
     unknown = set(metrics) - set(records)
     if unknown:
         raise ValueError(f"metrics name tasks that do not exist: {sorted(unknown)}; tasks are {list(records)}")
     rng = random.Random(seed)
     config = TaskSequenceConfig(kind="instruction", scenario="task_incremental", root=out, index="index.json")
     all_shards: list[ShardInfo] = []
-    with tqdm(total=sum(map(len, records.values())), desc="writing shards", unit="sample", disable=not progress) as bar:
+    total = sum(map(len, records.values())) + sum(map(len, (eval_records or {}).values()))
+    with tqdm(total=total, desc="writing shards", unit="sample", disable=not progress) as bar:
         for name, items in records.items():
             metric = metrics.get(name, "exact_match")
             if metric not in METRICS:
                 raise ValueError(f"metric for task {name!r} must be one of {METRICS}, got {metric!r}")
-            order = list(range(len(items)))
-            rng.shuffle(order)
-            n_eval = max(1, round(len(items) * eval_fraction))
-            if len(items) - n_eval < 1:
-                raise ValueError(f"task {name!r} has {len(items)} records: too few to hold out an eval split")
+            if eval_records is None:
+                order = list(range(len(items)))
+                rng.shuffle(order)
+                n_eval = max(1, round(len(items) * eval_fraction))
+                if len(items) - n_eval < 1:
+                    raise ValueError(f"task {name!r} has {len(items)} records: too few to hold out an eval split")
+                pool, parts = list(items), (("train", order[n_eval:]), ("eval", order[:n_eval]))
+            else:
+                held = list(eval_records[name])
+                if not items or not held:
+                    raise ValueError(f"task {name!r} has {len(items)} train and {len(held)} eval records: need both")
+                pool = [*items, *held]  # eval keys continue after the train ones: "<task>-<n>" stays unique
+                parts = (("train", range(len(items))), ("eval", range(len(items), len(pool))))
             splits = {}
-            for split, idx in (("train", order[n_eval:]), ("eval", order[:n_eval])):
-                samples = [{"__key__": f"{name}-{j:08d}", "json": {**items[j], "task": name}} for j in idx]
+            for split, idx in parts:
+                samples = [{"__key__": f"{name}-{j:08d}", "json": {**pool[j], "task": name}} for j in idx]
                 shards = _write_split(out, f"{split}/{name}", samples, shard_size, storage_options, bar)
                 splits[split] = _split_spec(shards)
                 all_shards.extend(shards)
-            labels = sorted({r["response"] for r in items}) if metric == "exact_match" else []
+            labels = sorted({r["response"] for r in pool}) if metric == "exact_match" else []
             spec = InstructionSpec(metric=metric, labels=labels)
             config.tasks.append(TaskSpec(name=name, train=splits["train"], eval=splits["eval"], instruction=spec))
     _finish(out, config, all_shards, storage_options)
@@ -355,6 +371,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-label", type=int, default=60, help="records per label word (default 60)")
     demo.add_argument("--eval-fraction", type=float, default=0.2)
     common(demo)
+    ol = sub.add_parser("olora", help="O-LoRA's CL benchmark (CL_Benchmark/ on your disk) in one of its task orders")
+    ol.add_argument("--root", required=True, help="the CL_Benchmark folder of the O-LoRA repository")
+    ol.add_argument("--order", required=True, choices=sorted(ORDERS), help="order1-3: standard (4 tasks), 4-6: long")
+    ol.add_argument("--max-train-per-task", type=int, default=None, help="seeded subset of train.json (default all)")
+    ol.add_argument("--max-eval-per-task", type=int, default=None, help="seeded subset of test.json (default all)")
+    common(ol)
     return p
 
 
@@ -390,7 +412,12 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = dict(args.storage_option)
     common = {"seed": args.seed, "shard_size": args.shard_size, "storage_options": options, "progress": not args.quiet}
-    if args.command in ("jsonl", "llm-demo"):
+    if args.command == "olora":
+        train, held_out, metrics = records_for_build(
+            args.root, args.order, args.max_train_per_task, args.max_eval_per_task, args.seed
+        )
+        config = build_instruction(train, args.out, eval_records=held_out, metrics=metrics, **common)
+    elif args.command in ("jsonl", "llm-demo"):
         if args.command == "jsonl":
             records = read_jsonl(args.files, args.task_field, args.prompt_field, args.response_field)
             metrics = dict(args.metric)
