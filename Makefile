@@ -16,6 +16,8 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# The venv's tools (ninja, torchrun, deepspeed) first: DeepSpeed rebuilds its CPU op when another ninja built it.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 ASSETS ?= assets
 DINOV2 := $(ASSETS)/dinov2-vits14/model.safetensors

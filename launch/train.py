@@ -16,6 +16,7 @@ import contextlib
 import glob
 import logging
 import os
+import signal
 import sys
 
 import torch.distributed as dist
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return trainer.run()
     finally:
+        # A late pre-emption signal (SLURM repeats it) must not kill a run that is finishing anyway.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

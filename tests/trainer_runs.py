@@ -20,6 +20,8 @@ LLM_CONFIG = REPO / "configs" / "tiny_llm.yaml"
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    # The venv's tools first: a different ninja on PATH makes DeepSpeed rebuild its CPU op (~30 s) each time.
+    e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])
     e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
