@@ -57,31 +57,37 @@ def train(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> No
         opt.step()
 
 
+def set_trainable(report, task: int, flag: bool) -> None:
+    for layer in report.layers.values():
+        layer.lora_B(task).requires_grad_(flag)
+
+
+def covariance_pass(model: torch.nn.Module, inflora: InfLoRA, ids: torch.Tensor) -> None:
+    with torch.no_grad(), inflora.collector.capturing():
+        model(input_ids=ids)
+
+
 def run_sequence(method: str) -> dict[str, float]:
     model = tiny_llama()
     report = inject_inflora(model, TARGETS, rank=RANK, num_tasks=2)
     inflora = InfLoRA(report, 0.99, 0.99)
     tasks = [make_task(20, 55, [3, 4, 5, 6], seed=1), make_task(55, VOCAB, [7, 8, 9, 10], seed=2)]
     for t, (ids, labels) in enumerate(tasks):
-        for layer in report.layers.values():
-            layer.lora_B(t).requires_grad_(True)
+        set_trainable(report, t, True)
         if method == "inflora":
-            with torch.no_grad(), inflora.collector.capturing():
-                model(input_ids=ids)
+            covariance_pass(model, inflora, ids)
             inflora.on_task_start(t)
         else:
             start_random_branches(report, t, seed=0)
         train(model, ids, labels)
-        for layer in report.layers.values():
-            layer.lora_B(t).requires_grad_(False)
+        set_trainable(report, t, False)
         if method == "inflora":
-            with torch.no_grad(), inflora.collector.capturing():
-                model(input_ids=ids)
+            covariance_pass(model, inflora, ids)
             inflora.on_task_end(t)
         else:
             finish_branches(report)
-        with torch.no_grad():
-            if t == 0:
+        if t == 0:
+            with torch.no_grad():
                 learned = task_loss(model, *tasks[0])
     with torch.no_grad():
         return {"task0_after_0": learned, "task0_after_1": task_loss(model, *tasks[0]),
