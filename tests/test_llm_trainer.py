@@ -95,3 +95,16 @@ def test_bf16_base_with_fp32_adapters_under_zero3(runs):
         else:
             torch.testing.assert_close(tensor, ref, rtol=0, atol=0.1, msg=name)
     assert len(metrics["accuracy_matrix"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [("qwen2", "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"), ("gpt2", "[c_attn,c_proj,c_fc]")],
+)
+def test_other_causal_lm_families_train(shards, tmp_path, family, targets):
+    """Qwen2 and GPT-2 (Conv1D projections) built from the same tiny sizes go through the whole sequence."""
+    out = tmp_path / family
+    train(1, out, f"model.config.model_type={family}", f"inflora.targets={targets}", shards=shards, config=LLM_CONFIG)
+    metrics, state = results(out)
+    assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
+    assert any(".A.2" in name for name in state)
