@@ -116,9 +116,26 @@ class Checkpointer:
                 raise RuntimeError(f"checkpoint {path}: {rel} does not match its manifest checksum")
 
     @staticmethod
+    def verify_once_per_node(path: Path) -> None:
+        """`verify` on one process per node (LOCAL_RANK 0), the verdict shared by all. Collective.
+
+        Hashing a large checkpoint on every rank would read it world-size times; one
+        reader per node still checks what each node's file system holds.
+        """
+        failure = ""
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            try:
+                Checkpointer.verify(path)
+            except RuntimeError as err:
+                failure = str(err)
+        failed = dist.all_reduce_sum_(torch.tensor([float(bool(failure))], device=dist.collective_device()))
+        if float(failed) > 0:
+            raise RuntimeError(failure or f"checkpoint {path} failed verification on another node")
+
+    @staticmethod
     def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Our state of a verified checkpoint (tensors, meta), and this rank's RNG restored."""
-        Checkpointer.verify(path)
+        """Our state of a verified checkpoint (tensors, meta), and this rank's RNG restored. Collective."""
+        Checkpointer.verify_once_per_node(path)
         rng = path / f"rng.{dist.get_rank()}.json"
         if rng.exists():
             set_rng_state(json.loads(rng.read_text()))
