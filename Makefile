@@ -71,8 +71,8 @@ demo-llm: install assets
 	$(PY) launch/train.py --config configs/demo_llm.yaml
 
 lint: install
-	$(PY) -m ruff check inflora_dist tests
-	$(PY) -m ruff format --check inflora_dist tests
+	$(PY) -m ruff check inflora_dist tests launch
+	$(PY) -m ruff format --check inflora_dist tests launch
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache *.egg-info $(ASSETS) runs

@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from inflora_dist import dist
 from inflora_dist.config import RunConfig
 from inflora_dist.data import TaskSequenceConfig
-from inflora_dist.data.text import SCORERS, collate_examples, collate_prompts, response_loss
+from inflora_dist.data.text import IGNORE, SCORERS, collate_examples, collate_prompts, response_loss
 from inflora_dist.models import ContinualClassifier, load_backbone, load_causal_lm, load_tokenizer
 
 #: Generated tokens beyond the longest label word, for exact-match tasks (room for an end-of-sequence token).
@@ -140,7 +140,7 @@ class InstructionTuning:
         return prepared
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (batch["labels"][:, 1:] != -100).sum()
+        return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], tasks: Sequence[int]) -> torch.Tensor:
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
