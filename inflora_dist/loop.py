@@ -296,7 +296,8 @@ class ContinualTrainer:
                 # the ranks and accumulation: DeepSpeed divides by `a` and averages over ranks, so each micro-batch's
                 # summed loss is scaled by a * world / (the step's units, all ranks).
                 local_units = float(sum(self.workload.units(b) for b in batches))
-                units = dist.all_reduce_sum_(torch.tensor([local_units], device=dist.collective_device()))  # collective
+                units = torch.tensor([local_units], dtype=torch.float64, device=dist.collective_device())
+                dist.all_reduce_sum_(units)  # collective
                 scale = a * self.world / max(float(units), 1.0)
                 local_loss = 0.0
                 for batch in batches:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import SlurmCluster, make_root, unavailable
-from trainer_runs import REPO, env, train
+from trainer_runs import env, train
 
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
 from inflora_dist.data.build_shards import main as build_shards
@@ -21,15 +21,11 @@ VENV = Path(sys.executable).parent.parent
 def job_env() -> dict[str, str]:
     """The environment of the processes the cluster tests start (batch jobs and launchers).
 
-    Their PATH starts with the venv's bin (as the batch script sets it), so DeepSpeed's JIT builds
-    run the venv's ninja. Its build log does not read like the system ninja's, which the rest of
-    the suite runs: a shared build directory would be rebuilt (~30 s) at every switch, so the
-    cluster tests build in their own.
+    The trainer tests' environment (the venv's bin first on PATH, as the batch script sets it)
+    without the SLURM_ variables of any allocation pytest itself may run in.
     """
     e = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
     e["VENV"] = str(VENV)
-    e["PATH"] = f"{VENV / 'bin'}:{e.get('PATH', '/usr/bin:/bin')}"
-    e["TORCH_EXTENSIONS_DIR"] = str(REPO / ".cache" / "torch_extensions-cluster")
     return e
 
 
