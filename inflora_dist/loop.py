@@ -10,9 +10,9 @@ For each task t of the sequence:
     checkpoint; destroy the engine
 
 What is trained and scored (images and heads, or a causal LM and its generated
-answers) comes from a workload (workloads.py). One process group serves the whole sequence. Every rank runs the same
-collectives in the same order; only rank 0 logs, draws progress bars and
-writes files other than checkpoint shards.
+answers) comes from a workload (workloads.py). One process group serves the
+whole sequence. Every rank runs the same collectives in the same order; only
+rank 0 logs, draws progress bars and writes files other than checkpoint shards.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ class ContinualTrainer:
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
             with torch.no_grad(), self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
                 for raw in loader:
-                    sums += self.workload.score(engine, self.workload.prepare(raw), j, upto).cpu()
+                    sums += self.workload.score(engine, raw, j, upto).cpu()
                     bar.update(1)
             sums = dist.all_reduce_sum_(sums.to(dist.collective_device()))  # collective
             for row, value in zip(rows, self.workload.finish(sums), strict=True):

@@ -8,7 +8,7 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
     units(batch)              what a step's loss is averaged over: real rows (images) or response tokens (text)
     loss(engine, batch, ts)   the summed loss of a micro-batch of stage tasks `ts`
     token_mask / forward      one no-grad forward for the covariance passes, padding masked
-    score(engine, batch, t)   summed evaluation scores of task t's batch (all-reduced by the loop)
+    score(engine, raw, t)     summed evaluation scores of task t's reader batch (all-reduced by the loop)
     matrices / finish(sums)   the accuracy matrices the scores fill (the first is the primary one)
 
 Image classification (the reference's setting): one linear head per task; accuracy
@@ -87,8 +87,9 @@ class ImageClassification:
     def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
         engine(batch["images"], upto=upto)
 
-    def score(self, engine: Any, batch: dict[str, torch.Tensor], task: int, upto: int) -> torch.Tensor:
+    def score(self, engine: Any, raw: dict[str, Any], task: int, upto: int) -> torch.Tensor:
         """(correct with all heads so far, correct with task's head, rows), weighted sums in float64."""
+        batch = self.prepare(raw)
         logits = engine(batch["images"], upto=upto).float()
         lo, hi = self.offsets[task], self.offsets[task + 1]
         target, w = batch["target"], batch["weight"].double()
@@ -132,12 +133,10 @@ class InstructionTuning:
     def _system_prompts(self, rows: Sequence[dict[str, str]]) -> list[str | None]:
         return [self.system_prompts.get(r.get("task", "")) for r in rows]
 
-    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         rows = batch["json"]
         tensors = collate_examples(self.tokenizer, rows, batch["weight"], self.max_length, self._system_prompts(rows))
-        prepared: dict[str, Any] = {k: v.to(self.device) for k, v in tensors.items()}
-        prepared["rows"] = rows
-        return prepared
+        return {k: v.to(self.device) for k, v in tensors.items()}
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["labels"][:, 1:] != IGNORE).sum()
@@ -166,13 +165,18 @@ class InstructionTuning:
         out = engine.module.generate(**prompts, generation_config=config, synced_gpus=self.synced)
         return self.tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    def score(self, engine: Any, batch: dict[str, Any], task: int, upto: int) -> torch.Tensor:
-        """(summed score of the generated answers, rows), weighted, in float64."""
+    def score(self, engine: Any, raw: dict[str, Any], task: int, upto: int) -> torch.Tensor:
+        """(summed score of the generated answers, rows), weighted, in float64.
+
+        Reads the reader batch's records directly: generation needs the prompts only, not the
+        training encoding `prepare` builds.
+        """
         spec = self.seq.tasks[task].instruction
         scorer = SCORERS[spec.metric if spec else "exact_match"]
-        answers = self.generate(engine, batch["rows"], self.new_tokens[task])
-        scores = torch.tensor([scorer(a, r["response"]) for a, r in zip(answers, batch["rows"], strict=True)])
-        w = batch["weight"].double().cpu()
+        rows = raw["json"]
+        answers = self.generate(engine, rows, self.new_tokens[task])
+        scores = torch.tensor([scorer(a, r["response"]) for a, r in zip(answers, rows, strict=True)])
+        w = raw["weight"].double().cpu()
         return torch.stack([(scores.double() * w).sum(), w.sum()])
 
     def finish(self, sums: torch.Tensor) -> list[float]:
