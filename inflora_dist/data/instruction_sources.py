@@ -66,34 +66,35 @@ def tweet_sentiment_task(
     unknown = set(labels) - set(SENTIMENTS)
     if unknown:
         raise ValueError(f"unknown sentiment labels {sorted(unknown)}; the corpus has {SENTIMENTS}")
-    rng = random.Random(seed)
     by_label: dict[str, list[str]] = {label: [] for label in labels}
     for text, label in read_tweets():
         if label in by_label:
             by_label[label].append(text)
     options = " or ".join(labels)
-    records = []
-    for label, texts in by_label.items():
-        rng.shuffle(texts)
-        for text in texts[:per_label]:
-            prompt = f"What is the sentiment of this tweet? Answer {options}.\nTweet: {text}"
-            records.append({"prompt": prompt, "response": label})
-    rng.shuffle(records)
-    return records
+    return _label_word_task(
+        by_label, per_label, f"What is the sentiment of this tweet? Answer {options}.\nTweet: {{}}", seed
+    )
 
 
 def question_topic_task(topics: Sequence[str], per_topic: int, seed: int = 0) -> list[dict[str, str]]:
     """Which of `topics` a chatterbot question belongs to (label words, exact match)."""
-    rng = random.Random(seed)
     conversations = read_conversations()
+    questions = {topic: [question for question, _ in conversations[topic]] for topic in topics}
     options = ", ".join(topics)
+    prompt = f"Which topic is this question about? Answer one of: {options}.\nQuestion: {{}}"
+    return _label_word_task(questions, per_topic, prompt, seed)
+
+
+def _label_word_task(
+    texts_by_label: dict[str, list[str]], per_label: int, prompt: str, seed: int
+) -> list[dict[str, str]]:
+    """A balanced label-word task: a seeded `per_label` texts of each label, prompt.format(text) -> label."""
+    rng = random.Random(seed)
     records = []
-    for topic in topics:
-        pairs = list(conversations[topic])
-        rng.shuffle(pairs)
-        for question, _ in pairs[:per_topic]:
-            prompt = f"Which topic is this question about? Answer one of: {options}.\nQuestion: {question}"
-            records.append({"prompt": prompt, "response": topic})
+    for label, texts in texts_by_label.items():
+        texts = list(texts)
+        rng.shuffle(texts)
+        records += [{"prompt": prompt.format(text), "response": label} for text in texts[:per_label]]
     rng.shuffle(records)
     return records
 
