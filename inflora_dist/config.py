@@ -117,6 +117,31 @@ class TrainConfig:
 
 
 @dataclass
+class CAConfig:
+    """Classifier alignment after every task t >= 1 and the class statistics it samples from.
+
+    The defaults are the reference's (`methods/inflora_ca.py`): 256 features per
+    class and epoch, 5 epochs of SGD (lr 0.01, momentum 0.9, weight decay 5e-4,
+    cosine), logit normalisation at temperature 0.1 (null: off, as the reference
+    on CIFAR-100), class means scaled by 1 - d + d (t_c + 1) / (t + 1) with d =
+    `mean_decay`, and per-class covariances + `covariance_reg` I. `covariance`:
+    full (classes x d^2 floats), diagonal, or shared (one pooled covariance), for
+    many classes. With `enabled` false only class means are kept (prototype scores).
+    """
+
+    enabled: bool = False
+    samples_per_class: int = 256
+    epochs: int = 5
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    logit_norm: float | None = 0.1
+    mean_decay: float = 0.1
+    covariance: str = "full"
+    covariance_reg: float = 1e-4
+
+
+@dataclass
 class DeepSpeedSettings:
     """ZeRO stage (0, 1, 2 or 3) and CPU offload select one of the JSON templates in `config_dir`."""
 
@@ -165,6 +190,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     inflora: InfLoRAConfig = field(default_factory=InfLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ca: CAConfig = field(default_factory=CAConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -172,13 +198,14 @@ class RunConfig:
 
 
 _CHOICES = {
-    "method": ("inflora", "seq_lora", "joint"),
+    "method": ("inflora", "seq_lora", "joint", "simple_cil"),
     "model.kind": ("vit", "causal_lm"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "inflora.fold": ("merge", "stack"),
     "inflora.reduce": ("all_reduce", "owner"),
     "inflora.accumulation_dtype": ("auto", "float32", "float64"),
     "train.optimizer": ("adam", "sgd"),
+    "ca.covariance": ("full", "diagonal", "shared"),
     "train.precision": ("fp32", "bf16"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "wandb.mode": ("online", "offline", "disabled"),
@@ -198,7 +225,7 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
     positive = (
         "inflora.rank", "train.global_batch_size", "train.epochs", "train.eval_batch_size", "model.image_size",
-        "model.max_length", "model.max_new_tokens",
+        "model.max_length", "model.max_new_tokens", "ca.samples_per_class", "ca.epochs",
     )  # fmt: skip
     for key in positive:
         if not isinstance(_get(cfg, key), int) or _get(cfg, key) < 1:
@@ -206,9 +233,20 @@ def validate_run_config(cfg: RunConfig) -> None:
     for key in ("inflora.lambda_begin", "inflora.lambda_end"):
         if not 0.0 < _get(cfg, key) <= 1.0:
             raise ValueError(f"{key} must be in (0, 1], got {_get(cfg, key)!r}")
-    for key in ("train.lr", "train.weight_decay", "train.grad_clip", "train.momentum"):
+    for key in ("train.lr", "train.weight_decay", "train.grad_clip", "train.momentum", "ca.lr", "ca.momentum",
+                "ca.weight_decay", "ca.covariance_reg"):  # fmt: skip
         if _get(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.ca.logit_norm is not None and cfg.ca.logit_norm <= 0:
+        raise ValueError(f"ca.logit_norm (a temperature) must be > 0 or null, got {cfg.ca.logit_norm!r}")
+    if not 0.0 <= cfg.ca.mean_decay < 1.0:
+        raise ValueError(f"ca.mean_decay must be in [0, 1), got {cfg.ca.mean_decay!r}")
+    if cfg.model.kind == "causal_lm" and (cfg.ca.enabled or cfg.method == "simple_cil"):
+        what = "ca.enabled" if cfg.ca.enabled else "method=simple_cil"
+        raise ValueError(
+            f"{what}: classifier alignment and prototypes need a classification model (model.kind vit); "
+            "this run tunes a causal LM on instruction tasks"
+        )
     if cfg.train.max_micro_batch_size is not None and cfg.train.max_micro_batch_size < 1:
         raise ValueError(f"train.max_micro_batch_size must be >= 1 or null, got {cfg.train.max_micro_batch_size!r}")
     budget = cfg.inflora.covariance_max_bytes_per_rank
