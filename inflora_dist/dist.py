@@ -110,3 +110,27 @@ def gathered_params(params: Iterable[torch.nn.Parameter], modifier_rank: int | N
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
+
+
+@contextlib.contextmanager
+def written_by(params: Iterable[torch.nn.Parameter], src: int = 0) -> Iterator[None]:
+    """Rank `src` changes `params` in place inside the block; on exit every rank holds its values.
+
+    Under ZeRO-3 the parameters are gathered for the block and re-partitioned from
+    `src`'s copy; otherwise `src`'s values are broadcast in one flat float64
+    collective (exact for fp32 and bf16). Collective: every rank enters the block.
+    """
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
+        with gathered_params(params, modifier_rank=src):
+            yield
+        return
+    yield
+    if get_world_size() > 1:
+        flat = torch.cat([p.detach().reshape(-1).double() for p in params]).to(collective_device())
+        broadcast_(flat, src)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()

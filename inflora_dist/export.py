@@ -1,6 +1,6 @@
 """Export a continual run: the subspace state for analysis or reuse, and the adapter in PEFT's LoRA format.
 
-Two exports:
+Three exports:
 
 * `export_continual_state` writes every input group's designed down-projections
   A_t and its protected old-task basis as safetensors, with a JSON sidecar of the
@@ -12,7 +12,10 @@ Two exports:
   with scaling lora_alpha / r = 1. `peft.PeftModel.from_pretrained(base, directory)`
   on the *original* pre-trained model then computes what the InfLoRA model does.
 
-Neither function imports peft: the adapter files are written directly, in the
+* `export_class_statistics` writes the seen classes' means and covariances
+  (classification runs), the state of prototype prediction and classifier alignment.
+
+No function imports peft: the adapter files are written directly, in the
 layout PEFT's `save_pretrained` produces (checked against peft 0.21 in the tests).
 
 Both functions read only what every rank holds (A is a buffer, the memories are
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from inflora_dist import dist
+from inflora_dist.class_stats import ClassStatistics
 from inflora_dist.continual import InfLoRA
 from inflora_dist.inject import InjectionReport
 from inflora_dist.layer import FROZEN, MERGED, TRAINING, UNUSED, InfLoRALinear
@@ -42,6 +46,10 @@ from inflora_dist.layer import FROZEN, MERGED, TRAINING, UNUSED, InfLoRALinear
 #: Format tag and version of the continual-state sidecar.
 CONTINUAL_STATE_FORMAT = "inflora_dist.continual_state"
 CONTINUAL_STATE_VERSION = 1
+
+#: Format tag and version of the class-statistics sidecar.
+CLASS_STATISTICS_FORMAT = "inflora_dist.class_statistics"
+CLASS_STATISTICS_VERSION = 1
 
 #: File names of a PEFT adapter directory.
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -258,3 +266,38 @@ def export_peft_adapter(
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(directory / PEFT_CONFIG_NAME, config)
+
+
+# ---------------------------------------------------------------------- class statistics
+def export_class_statistics(
+    statistics: ClassStatistics, path: str | Path, class_ids: Sequence[int], offsets: Sequence[int],
+    task_names: Sequence[str],
+) -> None:  # fmt: skip
+    """Write the seen classes' statistics to `path` (safetensors) and a JSON sidecar next to it.
+
+    Tensors (`ClassStatistics.state_dict`): `counts` (classes,), `means` (classes, d)
+    and, by form, `covariances` ((classes, d, d) full, (classes, d) diagonal) or
+    `scatter` (d, d) and `dof` (shared: covariance = scatter / dof + reg I). Row k
+    is the class at logit position k; the sidecar maps positions to dataset labels
+    (`class_ids`) and tasks (`task_offsets`, `task_names`), with the form and
+    regulariser. Call it on one process (the statistics are the same on every rank).
+    """
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    if sidecar == path:
+        raise ValueError(f"path {str(path)!r} would be overwritten by its JSON sidecar; use e.g. a .safetensors suffix")
+    seen = len(statistics)
+    save_file({k: _tensor_out(v) for k, v in statistics.state_dict().items()}, str(path))
+    _write_json(
+        sidecar,
+        {
+            "format": CLASS_STATISTICS_FORMAT,
+            "version": CLASS_STATISTICS_VERSION,
+            "form": statistics.form,
+            "covariance_reg": statistics.reg,
+            "dim": statistics.dim,
+            "class_ids": list(class_ids[:seen]),
+            "task_offsets": [o for o in offsets if o <= seen],
+            "task_names": list(task_names[: sum(1 for o in offsets[1:] if o <= seen)]),
+        },
+    )

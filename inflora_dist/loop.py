@@ -6,8 +6,15 @@ For each task t of the sequence:
     covariance pass over task t's training data (exact mode)  -> on_task_start: A_t
     train for `train.epochs` epochs                            (step checkpoints, pre-emption)
     covariance pass with the new branch                        -> on_task_end: DualGPM, fold B_t A_t
+      the same pass sums each class's features                 -> class statistics (classification)
+    classifier alignment of heads 0..t (ca.enabled, t >= 1)
     evaluate tasks 0..t, update the accuracy matrices          -> metrics.json, plots, W&B
     checkpoint; destroy the engine
+
+A pre-emption signal is honoured at the next step boundary while training, and
+at the next task boundary (after its checkpoint) during the work after training.
+method=simple_cil trains nothing: each task is one statistics pass, and the
+heads become the prototype classifier (the class means).
 
 What is trained and scored (images and heads, or a causal LM and its generated
 answers) comes from a workload (workloads.py). One process group serves the
@@ -17,6 +24,7 @@ rank 0 logs, draws progress bars and writes files other than checkpoint shards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +45,7 @@ from inflora_dist.covariance import CovarianceCollector
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
-from inflora_dist.export import export_continual_state, export_peft_adapter
+from inflora_dist.export import export_class_statistics, export_continual_state, export_peft_adapter
 from inflora_dist.inject import count_parameters, inject_inflora
 from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
 from inflora_dist.monitor import Monitor
@@ -48,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 #: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
+_STATS = "class_stats."  # checkpoint tensor prefix of the class statistics
 _ACCUMULATION_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -115,6 +124,7 @@ class ContinualTrainer:
         )
         self.matrices = {key: AccuracyMatrix(num_tasks=self.num_tasks) for key in self.workload.matrices}
         self.joint: dict[str, list[float]] = {}  # method=joint: each matrix's one row, all tasks trained at once
+        self.timings: list[dict[str, float]] = []  # per stage: seconds of training, class statistics, alignment
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         run_id = self._resume()
@@ -172,10 +182,13 @@ class ContinualTrainer:
         tensors.update({n: b.cpu() for n, b in self.model.named_buffers() if n.endswith(("lora_A", "task_status"))})
         for g, memory in self.inflora.memories.items():
             tensors[f"memory.{g}"] = memory.basis
+        if self.workload.statistics is not None:
+            tensors.update({f"{_STATS}{k}": v for k, v in self.workload.statistics.state_dict().items()})
         meta = {
             "progress": asdict(self.progress),
             "matrices": {key: m.rows for key, m in self.matrices.items()},
             "joint": self.joint,
+            "timings": self.timings,
             "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
             "wandb_run_id": self.monitor.run_id,
             "world_size": self.world,
@@ -195,7 +208,7 @@ class ContinualTrainer:
         if path is None:
             return None
         tensors, meta = Checkpointer.load(path)
-        adapters = {n: t for n, t in tensors.items() if not n.startswith("memory.")}
+        adapters = {n: t for n, t in tensors.items() if not n.startswith(("memory.", _STATS))}
         missing = set(adapters) - set(self.model.state_dict())
         if missing:
             raise RuntimeError(f"checkpoint {path} does not fit this model: unknown tensors {sorted(missing)[:5]}")
@@ -207,7 +220,10 @@ class ContinualTrainer:
                 {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"memory.{g}"]}
             )
         self.matrices = {key: AccuracyMatrix(rows, num_tasks=self.num_tasks) for key, rows in meta["matrices"].items()}
+        if self.workload.statistics is not None:
+            self.workload.load_statistics({n[len(_STATS) :]: t for n, t in tensors.items() if n.startswith(_STATS)})
         self.joint = meta["joint"]
+        self.timings = meta["timings"]
         self.progress = Progress(**meta["progress"])
         if self.progress.phase == "train" and meta["world_size"] != self.world:
             raise RuntimeError(
@@ -220,10 +236,35 @@ class ContinualTrainer:
         return meta["wandb_run_id"]
 
     # ------------------------------------------------------------------ passes
-    def _covariance_pass(self, engine: Any, stage: int) -> tuple[dict[str, torch.Tensor] | None, float]:
-        """Collect x x^T of the stage's training data (exact mode); returns (reduced covariances, seconds).
+    def _data_pass(
+        self, engine: Any, tasks: list[int], desc: str, collector: CovarianceCollector | None, sums: Any
+    ) -> float:
+        """One no-grad pass over the tasks' training data (exact mode) feeding `collector` and/or the class
+        `sums`; returns the seconds spent summing class features."""
+        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
+        summing = 0.0
+        with torch.no_grad(), self._bar(len(loader), desc) as bar:
+            for raw in loader:
+                batch = self.workload.prepare(raw)
+                mask = self.workload.token_mask(batch)
+                with collector.token_mask(mask) if collector else contextlib.nullcontext():
+                    features = self.workload.forward(engine, batch, upto=tasks[-1])
+                if sums is not None:
+                    start = time.perf_counter()
+                    self.workload.add_features(sums, features, batch)
+                    summing += time.perf_counter() - start
+                bar.update(1)
+        return summing
 
-        Without `inflora.covariance_max_bytes_per_rank` one pass fills the InfLoRA
+    def _covariance_pass(
+        self, engine: Any, stage: int, sums: Any = None
+    ) -> tuple[dict[str, torch.Tensor] | None, float, float]:
+        """Collect x x^T of the stage's training data (exact mode); returns (reduced covariances, seconds,
+        seconds of class sums).
+
+        With `sums`, the same forwards also sum the class statistics' features
+        (once, even when the pass is split). Without
+        `inflora.covariance_max_bytes_per_rank` one pass fills the InfLoRA
         collector (covariances None: the hooks reduce them). With it, the input
         groups are split into several passes over the data that fit the budget
         (planner.py), and this rank's reduced covariances are returned. Collective.
@@ -231,26 +272,23 @@ class ContinualTrainer:
         start = time.perf_counter()
         tasks = self.stages[stage]
         engine.eval()
+        pending = [sums]  # class sums go into the first pass only
+        summing = [0.0]
 
         def run_pass(collector: CovarianceCollector) -> None:
-            loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
-            with torch.no_grad(), self._bar(len(loader), f"stage {stage} covariance") as bar:
-                for raw in loader:
-                    batch = self.workload.prepare(raw)
-                    with collector.token_mask(self.workload.token_mask(batch)):
-                        self.workload.forward(engine, batch, upto=tasks[-1])
-                    bar.update(1)
+            class_sums = pending.pop() if pending else None
+            summing[0] += self._data_pass(engine, tasks, f"stage {stage} covariance", collector, class_sums)
 
         budget = self.cfg.inflora.covariance_max_bytes_per_rank
         if budget is None:
             with self.inflora.collector.capturing():
                 run_pass(self.inflora.collector)
-            return None, time.perf_counter() - start
+            return None, time.perf_counter() - start, summing[0]
         plan = plan_for(self.inflora, budget, dist.collective_device())
         if dist.is_main_process():
             logger.info("covariance plan:\n%s", plan.describe())
         covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
-        return covs, time.perf_counter() - start
+        return covs, time.perf_counter() - start, summing[0]
 
     def _evaluate(self, engine: Any, upto: int) -> list[list[float]]:
         """One row per accuracy matrix: the scores (%) of tasks 0..upto. Collective (one all-reduce per task)."""
@@ -337,21 +375,59 @@ class ContinualTrainer:
 
         Returns the covariance-pass seconds. Collective.
         """
+        if self.cfg.method == "simple_cil":
+            return 0.0  # no branch: the pre-trained backbone as it is
         if self.cfg.method == "seq_lora":
             start_random_branches(self.inflora.report, stage, self.cfg.seed)
             return 0.0
-        covs, seconds = self._covariance_pass(engine, stage)
+        covs, seconds, _ = self._covariance_pass(engine, stage)
         self.inflora.on_task_start(stage, covs)  # collective
         return seconds
 
-    def _fold_branches(self, engine: Any, stage: int) -> float:
-        """Grow the memory from a post-training pass (InfLoRA) and fold the stage's branches. Collective."""
-        if self.cfg.method == "seq_lora":
-            finish_branches(self.inflora.report)
-            return 0.0
-        covs, seconds = self._covariance_pass(engine, stage)
+    def _fold_branches(self, engine: Any, stage: int, sums: Any) -> tuple[float, float]:
+        """Grow the memory from a post-training pass (InfLoRA) and fold the stage's branches. Collective.
+
+        The pass also sums the class `sums` (if any); methods without a post-training
+        covariance pass make one pass for the sums alone. Returns (covariance-pass
+        seconds, class-sum seconds).
+        """
+        if self.cfg.method in ("seq_lora", "simple_cil"):
+            start = time.perf_counter()
+            if sums is not None:
+                self._data_pass(engine, self.stages[stage], f"stage {stage} class statistics", None, sums)
+            if self.cfg.method == "seq_lora":
+                finish_branches(self.inflora.report)
+            return 0.0, time.perf_counter() - start
+        covs, seconds, summing = self._covariance_pass(engine, stage, sums)
         self.inflora.on_task_end(stage, covs)  # collective; folds B A
-        return seconds
+        return seconds, summing
+
+    def _after_training(self, engine: Any, stage: int) -> tuple[float, dict[str, float]]:
+        """Fold the branches and, for classification, update the class statistics and align or set the heads.
+
+        Returns (post-pass seconds, {class_statistics_s, alignment_s}). Collective.
+        """
+        cfg, tasks = self.cfg, self.stages[stage]
+        statistics = self.workload.statistics
+        sums = self.workload.class_sums(tasks) if statistics is not None else None
+        seconds, summing = self._fold_branches(engine, stage, sums)
+        timing = {"class_statistics_s": summing, "alignment_s": 0.0}
+        if sums is None:
+            return seconds, timing
+        start = time.perf_counter()
+        self.workload.finish_class_sums(sums)  # collective
+        timing["class_statistics_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if cfg.method == "simple_cil":
+            self.workload.prototype_heads(tasks[-1])  # collective
+        elif cfg.ca.enabled and stage >= 1:
+            logger.info("stage %d: classifier alignment of heads 0..%d", stage, tasks[-1])
+            losses = self.workload.align_heads(tasks[-1], cfg.ca, seed=cfg.seed * 1_000_003 + stage)  # collective
+            if losses:
+                logger.info("alignment losses per epoch: %s", ", ".join(f"{x:.4f}" for x in losses))
+                self.monitor.log({"ca/loss": losses[-1]}, self.progress.global_step)
+        timing["alignment_s"] = time.perf_counter() - start
+        return seconds, timing
 
     def _run_task(self, stage: int) -> bool:
         cfg = self.cfg
@@ -372,10 +448,13 @@ class ContinualTrainer:
                 self.monitor.log({"time/covariance_pass_s": seconds}, self.progress.global_step)
             trainable, total = count_parameters(self.model)
             logger.info("stage %d: training %d of %d parameters", stage, trainable, total)
-            if not self._fit(engine, stage, loader):
+            start = time.perf_counter()
+            if cfg.method != "simple_cil" and not self._fit(engine, stage, loader):
                 return False
+            train_seconds = time.perf_counter() - start
             logger.info("stage %d: folding the branch", stage)
-            seconds = self._fold_branches(engine, stage)
+            seconds, timing = self._after_training(engine, stage)
+            self.timings.append({"train_s": train_seconds, **timing})
             rows = self._evaluate(engine, tasks[-1])
             if cfg.method == "joint":
                 self.joint = dict(zip(self.workload.matrices, rows, strict=True))
@@ -393,6 +472,7 @@ class ContinualTrainer:
         if not dist.is_main_process():
             return
         values: dict[str, Any] = {"time/post_covariance_pass_s": post_pass_seconds}
+        values.update({f"time/{k}": v for k, v in self.timings[-1].items()})
         for g, m in self.inflora.memories.items():
             values[f"subspace/{g}/dim"] = m.protected_dim
             values[f"subspace/{g}/retain"] = int(m.mode == "retain")
@@ -402,7 +482,7 @@ class ContinualTrainer:
             avg = sum(scores) / len(scores)
             summary = {"method": "joint", "avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0}
             summary.update({f"joint_{key.removesuffix('_matrix')}": row for key, row in self.joint.items()})
-            summary.update(task_names=self.names, task_metrics=self.task_metrics)
+            summary.update(task_names=self.names, task_metrics=self.task_metrics, timings=self.timings)
             tmp = self.out / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, self.out / "metrics.json")
@@ -416,9 +496,14 @@ class ContinualTrainer:
         main = self.matrices[primary]
         extra: dict[str, Any] = {"method": self.cfg.method, "task_names": self.names, "task_metrics": self.task_metrics}
         extra.update({key: self.matrices[key] for key in others})
+        extra.update(ca=self.cfg.ca.enabled, timings=self.timings)
         save_metrics(self.out / "metrics.json", main, extra)
         images = save_plots(main, self.out, self.names)
         print(format_table(main, self.names), flush=True)
+        for key in others:
+            m = self.matrices[key]
+            print(f"{key.removesuffix('_matrix').replace('_', ' ')}: average {m.avg_acc:.2f}, BWT {m.bwt:.2f}")
+            values[f"cl/{key.removesuffix('_accuracy_matrix')}_avg_acc"] = m.avg_acc
         values.update({f"cl/{k}": v for k, v in main.metrics().items()})
         self.monitor.log(values, self.progress.global_step)
         self.monitor.log_matrix(main.rows, self.names, images[0], self.progress.global_step)
@@ -428,6 +513,9 @@ class ContinualTrainer:
         """Train the remaining tasks; returns the process exit status (0, or PREEMPTED_EXIT_CODE)."""
         try:
             for stage in range(self.progress.task, len(self.stages)):
+                if self._stop_agreed():  # collective: a signal during the last task's post-training work
+                    logger.warning("pre-empted before stage %d: its last checkpoint is complete, exiting", stage)
+                    return PREEMPTED_EXIT_CODE
                 if not self._run_task(stage):
                     logger.warning("pre-empted during stage %d: checkpoint written, exiting", stage)
                     return PREEMPTED_EXIT_CODE
@@ -437,15 +525,24 @@ class ContinualTrainer:
             self.monitor.finish()
 
     def _export(self) -> None:
-        """continual_state.safetensors (+ .json) and the PEFT adapter. Collective under ZeRO-3 (B is gathered)."""
+        """continual_state and class_statistics (.safetensors + .json), the PEFT adapter.
+
+        Collective under ZeRO-3 (B is gathered).
+        """
         if dist.is_main_process():
             stage_names = ["+".join(self.names[t] for t in tasks) for tasks in self.stages]
             export_continual_state(self.inflora, self.out / "continual_state.safetensors", stage_names)
-        export_peft_adapter(
-            self.model,
-            self.inflora.report,
-            self.out / "peft_adapter",
-            self.cfg.model.pretrained,
-            task_type=self.workload.peft_task_type,
-        )
+            if self.workload.statistics is not None:
+                export_class_statistics(
+                    self.workload.statistics, self.out / "class_statistics.safetensors", self.workload.class_ids,
+                    self.workload.offsets, self.names,
+                )  # fmt: skip
+        if self.cfg.method != "simple_cil":  # simple_cil trains no branch: there is no adapter
+            export_peft_adapter(
+                self.model,
+                self.inflora.report,
+                self.out / "peft_adapter",
+                self.cfg.model.pretrained,
+                task_type=self.workload.peft_task_type,
+            )
         dist.barrier()

@@ -59,6 +59,13 @@ class TaskHead(nn.Linear):
         super().__init__(in_features, out_features, bias=cosine_scale == 0.0)
         self.cosine_scale = cosine_scale
 
+    @classmethod
+    def copy_of(cls, head: TaskHead) -> TaskHead:
+        """A float32 host copy of `head` (e.g. to retrain it outside the engine)."""
+        copy = cls(head.in_features, head.out_features, head.cosine_scale)
+        copy.load_state_dict({k: v.detach().float().cpu() for k, v in head.state_dict().items()})
+        return copy
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         if self.cosine_scale:
@@ -76,7 +83,7 @@ class ContinualClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, classes_per_task: Sequence[int], cfg: ModelConfig) -> None:
         super().__init__()
         self.backbone = backbone
-        hidden = backbone.config.hidden_size
+        self.hidden = hidden = backbone.config.hidden_size
         self.heads = nn.ModuleList(TaskHead(hidden, n, cfg.head_cosine_scale) for n in classes_per_task)
         self.image_size, self.channels = cfg.image_size, cfg.channels
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
@@ -97,7 +104,10 @@ class ContinualClassifier(nn.Module):
         """The [CLS] token of the last (normalised) hidden state, (B, hidden), in the model's dtype."""
         return self.backbone(pixel_values=self.preprocess(images)).last_hidden_state[:, 0]
 
-    def forward(self, images: torch.Tensor, upto: int) -> torch.Tensor:
-        """Float32 logits of heads 0..upto, concatenated (B, classes so far)."""
+    def forward(
+        self, images: torch.Tensor, upto: int, with_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits of heads 0..upto, concatenated (B, classes so far); with the features if asked."""
         feats = self.features(images)
-        return torch.cat([head(feats) for head in self.heads[: upto + 1]], dim=1)
+        logits = torch.cat([head(feats) for head in self.heads[: upto + 1]], dim=1)
+        return (logits, feats) if with_features else logits

@@ -7,12 +7,15 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
     prepare(batch)            a reader batch -> tensors on the device
     units(batch)              what a step's loss is averaged over: real rows (images) or response tokens (text)
     loss(engine, batch, ts)   the summed loss of a micro-batch of stage tasks `ts`
-    token_mask / forward      one no-grad forward for the covariance passes, padding masked
+    token_mask / forward      one no-grad forward for the covariance passes, padding masked (returns the
+                              features of the class statistics, for classification)
+    statistics                the seen classes' statistics (classification; None for instruction tuning)
     score(engine, raw, t)     summed evaluation scores of task t's reader batch (all-reduced by the loop)
     matrices / finish(sums)   the accuracy matrices the scores fill (the first is the primary one)
 
 Image classification (the reference's setting): one linear head per task; accuracy
-with all heads (class-incremental) and with the task's own head (task-incremental).
+with all heads (class-incremental), with the task's own head (task-incremental),
+and by the nearest class mean (prototypes); optional classifier alignment.
 Instruction tuning (O-LoRA / TRACE setting): loss on response tokens only;
 evaluation generates greedily and scores each task by its spec's metric (exact
 match of label words, or ROUGE-L), in percent.
@@ -20,6 +23,7 @@ match of label words, or ROUGE-L), in percent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +33,14 @@ from torch import nn
 from transformers import GenerationConfig
 
 from inflora_dist import dist
-from inflora_dist.config import RunConfig
+from inflora_dist.alignment import align_classifier
+from inflora_dist.class_stats import ClassStatistics, ClassSums, nearest_mean
+from inflora_dist.config import CAConfig, RunConfig
 from inflora_dist.data import TaskSequenceConfig
 from inflora_dist.data.text import IGNORE, SCORERS, collate_examples, collate_prompts, response_loss
-from inflora_dist.models import ContinualClassifier, load_backbone, load_causal_lm, load_tokenizer
+from inflora_dist.models import ContinualClassifier, TaskHead, load_backbone, load_causal_lm, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 #: Generated tokens beyond the longest label word, for exact-match tasks (room for an end-of-sequence token).
 _LABEL_SLACK_TOKENS = 2
@@ -47,9 +55,15 @@ def _images(batch: dict[str, Any]) -> torch.Tensor:
 
 
 class ImageClassification:
-    """A vision backbone with one classifier head per task (class-incremental label spaces)."""
+    """A vision backbone with one classifier head per task (class-incremental label spaces).
 
-    matrices = ("accuracy_matrix", "task_incremental_accuracy_matrix")
+    Besides the heads it keeps the statistics of every seen class (class_stats.py):
+    their means score every evaluation a third way, by the nearest class mean
+    (cosine, the prototype classifier), and with `ca.enabled` their Gaussians
+    retrain the heads after every task t >= 1 (classifier alignment).
+    """
+
+    matrices = ("accuracy_matrix", "task_incremental_accuracy_matrix", "ncm_accuracy_matrix")
     peft_task_type: str | None = None
 
     def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
@@ -58,10 +72,13 @@ class ImageClassification:
         self.device = device
         sizes = [len(t.classes or []) for t in seq.tasks]
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]  # task j: logits [offsets[j], offsets[j+1])
-        order = seq.class_ids
-        self.position = torch.full((max(order) + 1,), -1, dtype=torch.long)
-        self.position[torch.tensor(order)] = torch.arange(len(order))  # dataset label -> logit index
+        self.class_ids = seq.class_ids
+        self.position = torch.full((max(self.class_ids) + 1,), -1, dtype=torch.long)
+        self.position[torch.tensor(self.class_ids)] = torch.arange(len(self.class_ids))  # dataset label -> logit
         self.model: nn.Module = ContinualClassifier(load_backbone(cfg.model), sizes, cfg.model).to(device)
+        form = cfg.ca.covariance if cfg.ca.enabled else "none"  # covariances only where alignment samples them
+        self.statistics: ClassStatistics | None = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
+        self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         return list(self.model.heads[task].parameters())
@@ -84,21 +101,89 @@ class ImageClassification:
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["weight"]
 
-    def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
-        engine(batch["images"], upto=upto)
+    def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> torch.Tensor:
+        """One no-grad forward; returns the features (the class statistics' input)."""
+        return engine(batch["images"], upto=upto, with_features=True)[1]
 
     def score(self, engine: Any, raw: dict[str, Any], task: int, upto: int) -> torch.Tensor:
-        """(correct with all heads so far, correct with task's head, rows), weighted sums in float64."""
+        """(correct with all heads so far, with the task's head, by nearest class mean, rows), float64 sums."""
         batch = self.prepare(raw)
-        logits = engine(batch["images"], upto=upto).float()
+        logits, feats = engine(batch["images"], upto=upto, with_features=True)
         lo, hi = self.offsets[task], self.offsets[task + 1]
         target, w = batch["target"], batch["weight"].double()
-        cil = ((logits.argmax(1) == target).double() * w).sum()
-        til = ((logits[:, lo:hi].argmax(1) + lo == target).double() * w).sum()
-        return torch.stack([cil, til, w.sum()])
+        cil = ((logits.float().argmax(1) == target).double() * w).sum()
+        til = ((logits.float()[:, lo:hi].argmax(1) + lo == target).double() * w).sum()
+        seen = self.offsets[upto + 1]
+        if self.prototypes.shape[0] < seen:
+            raise RuntimeError(f"prototype scores of classes 0..{seen - 1} need their statistics first")
+        ncm = ((nearest_mean(feats, self.prototypes[:seen]) == target).double() * w).sum()
+        return torch.stack([cil, til, ncm, w.sum()])
 
     def finish(self, sums: torch.Tensor) -> list[float]:
-        return [100.0 * float(sums[0] / sums[2]), 100.0 * float(sums[1] / sums[2])]
+        return [100.0 * float(sums[k] / sums[3]) for k in range(3)]
+
+    # ------------------------------------------------------------ class statistics and alignment
+    def class_sums(self, tasks: Sequence[int]) -> ClassSums:
+        """Empty per-class sums for the classes of the stage's `tasks` (contiguous logit positions)."""
+        lo, hi = self.offsets[tasks[0]], self.offsets[tasks[-1] + 1]
+        assert self.statistics is not None
+        return ClassSums(lo, self.class_ids[lo:hi], self.model.hidden, self.statistics.form, dist.collective_device())
+
+    def add_features(self, sums: ClassSums, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        sums.add(features, batch["target"], batch["weight"])
+
+    def finish_class_sums(self, sums: ClassSums) -> None:
+        """Reduce the stage's sums over the ranks and append its classes to the statistics. Collective."""
+        sums.all_reduce_()  # collective
+        assert self.statistics is not None
+        self.statistics.extend(sums)
+        self._statistics_changed()
+
+    def _statistics_changed(self) -> None:
+        assert self.statistics is not None
+        self.prototypes = self.statistics.means.to(self.device)
+        if dist.is_main_process():
+            s = self.statistics
+            logger.info(
+                "class statistics: %d classes x %d dims, covariance %s, %.1f MB (float32, host)",
+                len(s), s.dim, s.form, s.nbytes / 2**20,
+            )  # fmt: skip
+
+    def load_statistics(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the class statistics of a checkpoint (`statistics.state_dict()` tensors)."""
+        assert self.statistics is not None
+        self.statistics.load_state_dict(state)
+        self._statistics_changed()
+
+    def align_heads(self, task: int, recipe: CAConfig, seed: int) -> list[float]:
+        """Classifier alignment of heads 0..task (alignment.py); rank 0 computes, every rank gets its heads.
+
+        Returns the epochs' mean losses (on rank 0; empty elsewhere). Collective.
+        """
+        heads = list(self.model.heads[: task + 1])
+        params = [p for head in heads for p in head.parameters()]
+        losses: list[float] = []
+        with dist.written_by(params, src=0):  # collective
+            if dist.is_main_process():
+                assert self.statistics is not None
+                copies = [TaskHead.copy_of(head) for head in heads]
+                generator = torch.Generator().manual_seed(seed)
+                losses = align_classifier(copies, self.statistics, self.offsets, task, recipe, generator)
+                with torch.no_grad():
+                    for p, q in zip(params, [q for c in copies for q in c.parameters()], strict=True):
+                        p.copy_(q)
+        return losses
+
+    def prototype_heads(self, upto: int) -> None:
+        """Set heads 0..upto to the prototype classifier: weight = unit class mean, bias 0 (SimpleCIL). Collective."""
+        assert self.statistics is not None
+        heads = list(self.model.heads[: upto + 1])
+        with dist.written_by([p for head in heads for p in head.parameters()], src=0), torch.no_grad():
+            for t, head in enumerate(heads):
+                means = self.statistics.means[self.offsets[t] : self.offsets[t + 1]]
+                head.weight.copy_(F.normalize(means, dim=-1))
+                if head.bias is not None:
+                    head.bias.zero_()
 
 
 class InstructionTuning:
@@ -106,6 +191,7 @@ class InstructionTuning:
 
     matrices = ("accuracy_matrix",)
     peft_task_type: str | None = "CAUSAL_LM"
+    statistics: ClassStatistics | None = None  # no classes: no class statistics
 
     def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
         if seq.kind != "instruction":
@@ -150,6 +236,7 @@ class InstructionTuning:
         return batch["attention_mask"] * batch["weight"].unsqueeze(1)
 
     def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
+        """One no-grad forward (for the covariance hooks)."""
         engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def generate(self, engine: Any, rows: Sequence[dict[str, str]], max_new_tokens: int) -> list[str]:

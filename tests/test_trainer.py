@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from trainer_runs import REPO, command, env, results, train
+from trainer_runs import REPO, command, env, heads_and_statistics, results, train
 
 from inflora_dist.config import RunConfig, load_run_config
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
@@ -56,6 +56,13 @@ def test_one_process_run_writes_every_output(runs):
     metrics, state = results(out)
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert [len(r) for r in metrics["task_incremental_accuracy_matrix"]] == [1, 2, 3]
+    assert [len(r) for r in metrics["ncm_accuracy_matrix"]] == [1, 2, 3]
+    assert (
+        metrics["ca"] is True
+        and [set(t) for t in metrics["timings"]] == [{"train_s", "class_statistics_s", "alignment_s"}] * 3
+    )
+    stats = json.loads((out / "class_statistics.json").read_text())
+    assert stats["form"] == "full" and stats["task_offsets"] == [0, 2, 4, 6] and len(stats["class_ids"]) == 6
     for key in ("avg_acc", "avg_incremental_acc", "bwt", "forgetting"):
         assert isinstance(metrics[key], float)
     assert metrics["task_incremental_accuracy_matrix"][0][0] > 70  # the tiny ViT learns task 0
@@ -79,6 +86,7 @@ def test_wandb_offline_run_has_the_logged_keys(runs):
     data = records[0].read_bytes()
     keys = ["train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "cl/avg_acc", "cl/bwt"]
     keys += ["cl/forgetting", "time/covariance_pass_s", "subspace/", "accuracy_matrix", "accuracy_heatmap"]
+    keys += ["cl/ncm_avg_acc", "time/alignment_s", "time/class_statistics_s", "ca/loss"]
     for key in keys:
         assert key.encode() in data, key
     tables = list((out / "wandb").glob("offline-run-*/files/media/table/accuracy_matrix_*.table.json"))
@@ -87,15 +95,20 @@ def test_wandb_offline_run_has_the_logged_keys(runs):
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_processes_reproduce_one_process(runs, stage):
-    """Same seed and global batch: same A (1e-5) and the same accuracy matrix at 1 and 2 processes, ZeRO 0/2/3."""
+    """Same seed and global batch at 1 and 2 processes, ZeRO 0/2/3: same A (1e-5), class statistics and aligned
+    heads (1e-6; under ZeRO-3 every head is partitioned), and the same three accuracy matrices."""
     ref_metrics, ref_state = results(runs(1, 0))
     metrics, state = results(runs(2, stage))
     assert sorted(state) == sorted(ref_state)
     for name, tensor in state.items():
         if ".A." in name:
             torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
-    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
-    assert metrics["task_incremental_accuracy_matrix"] == ref_metrics["task_incremental_accuracy_matrix"]
+    ref_heads, heads = heads_and_statistics(runs(1, 0)), heads_and_statistics(runs(2, stage))
+    assert sorted(heads) == sorted(ref_heads) and any(k.startswith("stats.covariances") for k in heads)
+    for name, tensor in heads.items():
+        torch.testing.assert_close(tensor, ref_heads[name], rtol=1e-6, atol=1e-6, msg=name)
+    for key in ("accuracy_matrix", "task_incremental_accuracy_matrix", "ncm_accuracy_matrix"):
+        assert metrics[key] == ref_metrics[key], key
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -142,6 +155,35 @@ def test_interrupted_run_resumes_to_the_same_result(runs, shards, tmp_path, how)
         torch.testing.assert_close(b[name], ref_b[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_preempted_after_training_resumes_exactly(runs, shards, tmp_path):
+    """SIGUSR1 as task 1's training ends, while the statistics pass and classifier alignment run: every rank stops
+    at the task boundary (exit 75, its checkpoint complete) and the rerun ends as the uninterrupted run."""
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "deepspeed.zero_stage=2"]
+    proc = subprocess.Popen(command(2, *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "stage 1: folding the branch" in line:  # logged when training ends, before the post-training work
+            for w in _workers(proc):
+                w.send_signal(signal.SIGUSR1)
+            break
+    log = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in log, log[-3000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # At the boundary (the usual case), or, had the signal come after it, at task 2's first step.
+    assert "pre-empted before stage 2" in log or names[-1].endswith("-preempted"), (names, log[-3000:])
+    assert "000001-task1-done" in names and not any(n.endswith("task2-done") for n in names), names
+    train(2, out, "deepspeed.zero_stage=2", "resume=auto", shards=shards)
+    metrics, ref_metrics = results(out)[0], results(runs(2, 2))[0]
+    for key in ("accuracy_matrix", "task_incremental_accuracy_matrix", "ncm_accuracy_matrix"):
+        assert metrics[key] == ref_metrics[key], key
+    ref = heads_and_statistics(runs(2, 2))
+    for name, tensor in heads_and_statistics(out).items():
+        torch.testing.assert_close(tensor, ref[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_bad_configs_name_the_problem(tmp_path, shards):
     base = ["model.config={model_type: vit}", f"data.tasks={shards}/tasks.yaml"]
     cases = {
@@ -150,10 +192,17 @@ def test_bad_configs_name_the_problem(tmp_path, shards):
         "inflora.lambda_begin=0": r"inflora.lambda_begin must be in \(0, 1\], got 0",
         "train.global_batch_size=-4": r"train.global_batch_size must be an integer >= 1, got -4",
         "train.lr=fast": r"bad value for 'train.lr'",
+        "ca.covariance=low_rank": r"ca.covariance must be one of \['full', 'diagonal', 'shared'\], got 'low_rank'",
+        "ca.logit_norm=0": r"ca.logit_norm \(a temperature\) must be > 0 or null, got 0",
+        "ca.samples_per_class=0": r"ca.samples_per_class must be an integer >= 1, got 0",
+        "method=simple_lora": r"method must be one of \['inflora', 'seq_lora', 'joint', 'simple_cil'\]",
     }
     for override, message in cases.items():
         with pytest.raises(ValueError, match=message):
             load_run_config(None, [*base, override])
+    for extra in ("ca.enabled=true", "method=simple_cil"):
+        with pytest.raises(ValueError, match=rf"{extra.replace('=true', '')}.*need a classification model"):
+            load_run_config(None, [*base, "model.kind=causal_lm", extra])
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
         load_run_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(FileNotFoundError, match=r"model.pretrained: /no/such/dir"):
@@ -186,7 +235,9 @@ def test_config_files_compose_in_order():
     assert cfg.train.epochs == 3 and cfg.model.image_size == 28
 
 
-@pytest.mark.parametrize("name", ["imagenet_r_10task", "cifar100_10task", "domainnet"])
+@pytest.mark.parametrize(
+    "name", ["imagenet_r_10task", "cifar100_10task", "domainnet", "imagenet_r_10task_ca", "cifar100_10task_ca"]
+)
 def test_paper_configs_are_valid_run_configs(name):
     """The GPU configs parse into RunConfig with the reference's settings (paths are the user's)."""
     from inflora_dist.config import merge_structured, read_yaml
@@ -194,6 +245,7 @@ def test_paper_configs_are_valid_run_configs(name):
     cfg = merge_structured(RunConfig, read_yaml(str(REPO / "configs" / "paper" / f"{name}.yaml")))
     assert cfg.train.global_batch_size == 128 and cfg.inflora.lambda_end == 1.0
     assert cfg.inflora.targets == ["k_proj", "v_proj"]
+    assert cfg.ca.enabled == name.endswith("_ca")
 
 
 def test_joint_trains_every_task_at_once(shards, tmp_path):
@@ -227,3 +279,18 @@ def test_covariance_budget_splits_passes_and_keeps_the_result(runs, shards, tmp_
         if ".A." in name:
             torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
     assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+
+
+def test_simple_cil_is_the_prototype_classifier_of_the_frozen_backbone(shards, tmp_path):
+    """method=simple_cil trains nothing: its heads are the unit class means, so all heads score as nearest mean."""
+    out = tmp_path / "simple_cil"
+    train(1, out, "method=simple_cil", shards=shards)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "simple_cil"
+    assert metrics["accuracy_matrix"] == metrics["ncm_accuracy_matrix"]
+    assert metrics["task_incremental_accuracy_matrix"][2][2] > 50
+    assert not (out / "peft_adapter").exists()  # no branch was trained
+    tensors = heads_and_statistics(out)
+    means = torch.nn.functional.normalize(tensors["stats.means"], dim=-1)
+    torch.testing.assert_close(tensors["heads.2.weight"], means[4:6])
+    assert not tensors["heads.0.bias"].any()

@@ -52,3 +52,11 @@ def train(
 def results(out: Path) -> tuple[dict, dict]:
     """(metrics.json, continual_state tensors) of a finished run."""
     return json.loads((out / "metrics.json").read_text()), load_file(str(out / "continual_state.safetensors"))
+
+
+def heads_and_statistics(out: Path) -> dict:
+    """The heads of a finished run's last checkpoint and its exported class statistics, by name."""
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    tensors = {k: v for k, v in load_file(str(last / "state.safetensors")).items() if k.startswith("heads.")}
+    tensors.update({f"stats.{k}": v for k, v in load_file(str(out / "class_statistics.safetensors")).items()})
+    return tensors

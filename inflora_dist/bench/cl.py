@@ -1,15 +1,21 @@
-"""InfLoRA against seq-LoRA (and optionally joint training) on one task sequence, side by side.
+"""InfLoRA against its baselines on one task sequence, side by side.
 
 Each method runs `launch/train.py` with the same config (same data, model,
-targets, rank, budget and evaluation); only `method=` differs:
+targets, rank, budget and evaluation); only these overrides differ:
 
-  inflora   A_t designed outside the old tasks' subspace (the method)
-  seq_lora  the same branches with A_t drawn like LoRA's A and nothing protected (the forgetting baseline)
-  joint     all tasks' data at once, one branch (the upper bound; no sequence, so no BWT or forgetting)
+  inflora     A_t designed outside the old tasks' subspace (the method), no classifier alignment
+  inflora_ca  InfLoRA with classifier alignment after every task (ca.enabled=true), whatever the config says
+  seq_lora    the same branches with A_t drawn like LoRA's A and nothing protected (the forgetting baseline)
+  joint       all tasks' data at once, one branch (the upper bound; no sequence, so no BWT or forgetting)
+  simple_cil  the frozen pre-trained backbone and the prototype classifier (class means; trains nothing)
 
 Prints a table of average accuracy, BWT, forgetting and wall time per method
 (for instruction tuning, "accuracy" is each task's generation score: exact match
-or ROUGE-L, in percent); with --json the last line is one JSON object keyed by method.
+or ROUGE-L, in percent; inflora_ca and simple_cil are for classification), and,
+for runs that collect class statistics, the prototype (nearest class mean)
+accuracy and the cost of the statistics and alignment as a share of the
+training time, both measured in the same run. With --json the last line is one
+JSON object keyed by method.
 """
 
 from __future__ import annotations
@@ -27,12 +33,19 @@ from inflora_dist.metrics import AccuracyMatrix
 
 SUMMARY = "InfLoRA vs seq-LoRA (vs joint) on a task sequence: accuracy, BWT, forgetting, time"
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("inflora", "seq_lora", "joint")
+#: The overrides that make each method (on top of the config and the user's overrides).
+METHODS: dict[str, list[str]] = {
+    "inflora": ["method=inflora", "ca.enabled=false"],
+    "inflora_ca": ["method=inflora", "ca.enabled=true"],
+    "seq_lora": ["method=seq_lora", "ca.enabled=false"],
+    "joint": ["method=joint", "ca.enabled=false"],
+    "simple_cil": ["method=simple_cil", "ca.enabled=false"],
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", action="append", default=None, help="run config(s) (default configs/demo_vit.yaml)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["inflora", "seq_lora"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["inflora", "seq_lora"])
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     parser.add_argument("--output-dir", default="runs/bench_cl", help="each method writes <output-dir>/<method>")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -42,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _command(args: argparse.Namespace, method: str) -> list[str]:
     configs = [a for c in (args.config or [str(REPO / "configs" / "demo_vit.yaml")]) for a in ("--config", c)]
     script = [str(REPO / "launch" / "train.py"), *configs, *args.overrides]
-    script += [f"method={method}", f"output_dir={Path(args.output_dir) / method}", "resume=never"]
+    script += [*METHODS[method], f"output_dir={Path(args.output_dir) / method}", "resume=never"]
     if args.nproc == 1:
         return [sys.executable, *script]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
@@ -76,17 +89,32 @@ def run(args: argparse.Namespace) -> dict:
         elif "joint_task_incremental_accuracy" in metrics:  # joint: one evaluation of every task, no sequence
             accs = metrics["joint_task_incremental_accuracy"]
             figures[method].update(til_avg_acc=sum(accs) / len(accs), til_bwt=0.0, til_forgetting=0.0)
+        if "ncm_accuracy_matrix" in metrics:
+            figures[method]["ncm_avg_acc"] = AccuracyMatrix(metrics["ncm_accuracy_matrix"]).avg_acc
+        timings = metrics.get("timings", [])
+        train_s = sum(t["train_s"] for t in timings)
+        if train_s > 0:  # the statistics pass and alignment against training, both timed in this run
+            extra_s = sum(t["class_statistics_s"] + t["alignment_s"] for t in timings)
+            figures[method]["stats_ca_share"] = round(extra_s / train_s, 4)
     # Classification has two views (all heads, the task's own head); instruction tuning one score per task.
     two_views = all("til_avg_acc" in f for f in figures.values())
     print("\nclass-incremental (all heads) | task-incremental (the task's head)" if two_views else "")
-    header = f"{'method':<10}{'avg acc':>9}{'BWT':>8}{'forget':>8}"
+    header = f"{'method':<12}{'avg acc':>9}{'BWT':>8}{'forget':>8}"
     header += f" |{'avg acc':>9}{'BWT':>8}{'forget':>8}" if two_views else ""
+    prototypes = any("ncm_avg_acc" in f for f in figures.values())
+    header += f" |{'NCM acc':>9}{'stats+CA':>10}" if prototypes else ""
     print(header + f"{'seconds':>9}")
     for method, f in figures.items():
-        line = f"{method:<10}{f['avg_acc']:>9.2f}{f['bwt']:>8.2f}{f['forgetting']:>8.2f}"
+        line = f"{method:<12}{f['avg_acc']:>9.2f}{f['bwt']:>8.2f}{f['forgetting']:>8.2f}"
         if two_views:
             line += f" |{f['til_avg_acc']:>9.2f}{f['til_bwt']:>8.2f}{f['til_forgetting']:>8.2f}"
+        if prototypes:
+            ncm, share = f.get("ncm_avg_acc"), f.get("stats_ca_share")
+            line += f" |{ncm:>9.2f}" if ncm is not None else f" |{'-':>9}"
+            line += f"{share:>9.1%} " if share is not None else f"{'-':>10}"
         print(line + f"{f['seconds']:>9.1f}")
+    if prototypes:
+        print("NCM acc: nearest class mean (cosine); stats+CA: class statistics and alignment / training time")
     if args.json:
         print(json.dumps(figures))
     return figures
