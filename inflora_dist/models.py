@@ -61,8 +61,9 @@ class TaskHead(nn.Linear):
 
     @classmethod
     def copy_of(cls, head: TaskHead) -> TaskHead:
-        """A float32 host copy of `head` (e.g. to retrain it outside the engine)."""
-        copy = cls(head.in_features, head.out_features, head.cosine_scale)
+        """A float32 host copy of `head` (e.g. to retrain it outside the engine); draws no random numbers."""
+        with torch.random.fork_rng(devices=[]):  # the init is overwritten: leave the global RNG as it was
+            copy = cls(head.in_features, head.out_features, head.cosine_scale)
         copy.load_state_dict({k: v.detach().float().cpu() for k, v in head.state_dict().items()})
         return copy
 
