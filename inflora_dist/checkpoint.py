@@ -33,6 +33,10 @@ from inflora_dist import dist
 MANIFEST = "manifest.json"
 
 
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint's files do not match its manifest (or the manifest is unreadable)."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -73,11 +77,6 @@ class Checkpointer:
             return []
         return sorted(p for p in self.root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).exists())
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, if any."""
-        done = self.complete()
-        return done[-1] if done else None
-
     def save(self, label: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], engine: Any = None) -> Path:
         """Write one checkpoint. Collective: every rank calls it (each writes its RNG state and engine shard)."""
         done = self.complete()
@@ -107,13 +106,16 @@ class Checkpointer:
     @staticmethod
     def verify(path: Path) -> None:
         """Check every file against the manifest; raise naming the first mismatch."""
-        manifest = json.loads((path / MANIFEST).read_text())
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointCorrupt(f"checkpoint {path}: unreadable {MANIFEST} ({err})") from None
         for rel, digest in manifest.items():
             file = path / rel
             if not file.exists():
-                raise RuntimeError(f"checkpoint {path} is missing {rel}")
+                raise CheckpointCorrupt(f"checkpoint {path} is missing {rel}")
             if _sha256(file) != digest:
-                raise RuntimeError(f"checkpoint {path}: {rel} does not match its manifest checksum")
+                raise CheckpointCorrupt(f"checkpoint {path}: {rel} does not match its manifest checksum")
 
     @staticmethod
     def verify_once_per_node(path: Path) -> None:
@@ -126,11 +128,11 @@ class Checkpointer:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             try:
                 Checkpointer.verify(path)
-            except RuntimeError as err:
+            except CheckpointCorrupt as err:
                 failure = str(err)
         failed = dist.all_reduce_sum_(torch.tensor([float(bool(failure))], device=dist.collective_device()))
         if float(failed) > 0:
-            raise RuntimeError(failure or f"checkpoint {path} failed verification on another node")
+            raise CheckpointCorrupt(failure or f"checkpoint {path} failed verification on another node")
 
     @staticmethod
     def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

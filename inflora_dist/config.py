@@ -162,10 +162,15 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints go to `<output_dir>/checkpoints` after every task and every `every_steps` steps (0: never)."""
+    """Checkpoints go to `<output_dir>/checkpoints` after every task and every `every_steps` steps (0: never).
+
+    The run holds `<output_dir>/.run.lock` (runlock.py); a lock whose heartbeat is
+    older than `lock_stale_after_s` is taken over (its holder's node is gone).
+    """
 
     every_steps: int = 0
     keep: int = 2
+    lock_stale_after_s: float = 300.0
 
 
 @dataclass
@@ -252,6 +257,8 @@ def validate_run_config(cfg: RunConfig) -> None:
     budget = cfg.inflora.covariance_max_bytes_per_rank
     if budget is not None and budget < 1:
         raise ValueError(f"inflora.covariance_max_bytes_per_rank must be >= 1 or null, got {budget!r}")
+    if cfg.checkpoint.lock_stale_after_s <= 0:
+        raise ValueError(f"checkpoint.lock_stale_after_s must be > 0, got {cfg.checkpoint.lock_stale_after_s!r}")
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every_steps < 0:
         raise ValueError(f"checkpoint.keep must be >= 1 and checkpoint.every_steps >= 0, got {cfg.checkpoint}")
     if cfg.train.num_workers < 0:
@@ -284,6 +291,44 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
     cfg = merge_structured(RunConfig, *sources, overrides=overrides)
     validate_run_config(cfg)
     return cfg
+
+
+#: What a resume must keep: these change the shapes or the meaning of a run's saved state (a prefix covers
+#: its whole section). Everything else may change on resume (lr and epochs of later tasks, logging, W&B,
+#: checkpoint cadence, evaluation batch, DeepSpeed settings and the world size at a task boundary).
+RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
+                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.")  # fmt: skip
+#: model keys that only change how evaluation generates, not the state.
+_RESUME_FREE_MODEL_KEYS = ("model.max_new_tokens",)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} for every leaf of nested mappings (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key: saved -> current' for every RESUME_FIXED_KEYS key on which two config dicts differ (sorted)."""
+    old, new = flatten(saved), flatten(current)
+
+    def fixed(key: str) -> bool:
+        return key not in _RESUME_FREE_MODEL_KEYS and any(
+            key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_FIXED_KEYS
+        )
+
+    keys = sorted(k for k in set(old) | set(new) if fixed(k))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as plain nested dicts and lists (JSON-ready)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Any) -> str:

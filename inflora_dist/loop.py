@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from inflora_dist import dist
-from inflora_dist.checkpoint import Checkpointer
-from inflora_dist.config import RunConfig, to_yaml
+from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer
+from inflora_dist.config import RunConfig, resume_differences, to_dict, to_yaml
 from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
 from inflora_dist.covariance import CovarianceCollector
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
@@ -50,6 +50,7 @@ from inflora_dist.inject import count_parameters, inject_inflora
 from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
 from inflora_dist.monitor import Monitor
 from inflora_dist.planner import collect_in_passes, plan_for
+from inflora_dist.runlock import RunDirectoryLocked, RunLock
 from inflora_dist.workloads import build_workload
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,9 @@ class ContinualTrainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(cfg.seed + self.rank)
         self.out = Path(cfg.output_dir)
+        self.lock = RunLock(self.out, cfg.checkpoint.lock_stale_after_s)
+        self._take_run_directory()  # collective: before anything is written
         if dist.is_main_process():
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.seq = self._task_sequence()
         self.index = self.seq.load_index()
@@ -139,6 +141,18 @@ class ContinualTrainer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ setup
+    def _take_run_directory(self) -> None:
+        """Rank 0 takes the output directory's lock; every rank learns the verdict (one all-reduce)."""
+        failure = ""
+        if dist.is_main_process():
+            try:
+                self.lock.acquire()
+            except RunDirectoryLocked as err:
+                failure = str(err)
+        flag = torch.tensor([float(bool(failure))], device=dist.collective_device())
+        if float(dist.all_reduce_sum_(flag)) > 0:
+            raise RunDirectoryLocked(failure or f"run directory {self.out} is in use by another run (see rank 0)")
+
     def _task_sequence(self) -> TaskSequenceConfig:
         cfg = self.cfg.data
         build = cfg.build
@@ -189,6 +203,8 @@ class ContinualTrainer:
             "matrices": {key: m.rows for key, m in self.matrices.items()},
             "joint": self.joint,
             "timings": self.timings,
+            "config": to_dict(self.cfg),
+            "task_sequence": self._sequence_record(),
             "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
             "wandb_run_id": self.monitor.run_id,
             "world_size": self.world,
@@ -204,10 +220,11 @@ class ContinualTrainer:
         """Restore the newest checkpoint (resume=auto) or the one named; returns the W&B run id."""
         if self.cfg.resume == "never":
             return None
-        path = self.checkpointer.latest() if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        if path is None:
+        loaded = self._load_checkpoint()
+        if loaded is None:
             return None
-        tensors, meta = Checkpointer.load(path)
+        path, tensors, meta = loaded
+        self._check_compatible(path, meta)
         adapters = {n: t for n, t in tensors.items() if not n.startswith(("memory.", _STATS))}
         missing = set(adapters) - set(self.model.state_dict())
         if missing:
@@ -234,6 +251,50 @@ class ContinualTrainer:
         self._resume_path = path
         logger.info("resumed from %s: task %d, phase %s", path, self.progress.task, self.progress.phase)
         return meta["wandb_run_id"]
+
+    def _load_checkpoint(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The checkpoint to resume from, verified: the one named (a failure is final), or with resume=auto
+        the newest of this run's that verifies, skipping (and naming) corrupt ones. Collective."""
+        if self.cfg.resume != "auto":
+            path = Path(self.cfg.resume)
+            return (path, *Checkpointer.load(path))
+        candidates = self.checkpointer.complete()[::-1]
+        for path in candidates:
+            try:
+                return (path, *Checkpointer.load(path))  # collective: the verdict is the same on every rank
+            except CheckpointCorrupt as err:
+                logger.warning("resume=auto: skipping a corrupt checkpoint: %s", err)
+        if candidates:
+            raise CheckpointCorrupt(
+                f"resume=auto: none of the {len(candidates)} checkpoints in {self.checkpointer.root} verifies "
+                "(see the warnings); resume=never starts the run afresh"
+            )
+        return None
+
+    def _sequence_record(self) -> list[dict[str, Any]]:
+        """What identifies the task sequence in a checkpoint: each task's name, classes and sample counts."""
+        return [
+            {"name": t.name, "classes": t.classes, "train_samples": t.train.samples, "eval_samples": t.eval.samples}
+            for t in self.seq.tasks
+        ]
+
+    def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
+        """Refuse, before loading anything, a checkpoint whose fixed config keys or task sequence differ."""
+        if "config" not in meta:
+            logger.warning("checkpoint %s predates config records: its compatibility is not checked", path)
+            return
+        problems = resume_differences(meta["config"], to_dict(self.cfg))
+        saved, current = meta["task_sequence"], self._sequence_record()
+        if len(saved) != len(current):
+            problems.append(f"task sequence: {len(saved)} tasks -> {len(current)}")
+        for i, (old, new) in enumerate(zip(saved, current, strict=False)):
+            problems += [f"task {i} {k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new.get(k)]
+        if problems:
+            raise ValueError(
+                f"checkpoint {path} was written with another config; these change the saved state's shapes or "
+                "meaning and must stay as they were (or start afresh: resume=never, or another output_dir):\n  "
+                + "\n  ".join(problems)
+            )
 
     # ------------------------------------------------------------------ passes
     def _data_pass(
@@ -523,6 +584,8 @@ class ContinualTrainer:
             return 0
         finally:
             self.monitor.finish()
+            if dist.is_main_process():
+                self.lock.release()
 
     def _export(self) -> None:
         """continual_state and class_statistics (.safetensors + .json), the PEFT adapter.

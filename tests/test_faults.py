@@ -1,0 +1,84 @@
+"""Faults a user meets, each asserting the exit status and the message: real runs of the tiny config.
+
+Two runs into one output_dir at once, a resume with a config that changes the saved state's shapes,
+and a corrupt newest checkpoint under resume=auto (and named by resume=<dir>).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from trainer_runs import REPO, command, env, train
+
+from inflora_dist.data.build_shards import FASHION_MNIST_DIR
+from inflora_dist.data.build_shards import main as build_shards
+from inflora_dist.runlock import LOCK_NAME
+
+pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "shards"
+    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2",
+                  "--train-per-class", "48", "--eval-per-class", "16", "--shard-size", "40", "--quiet"])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shards) -> Path:
+    """One finished 3-task run (checkpoints of tasks 1 and 2 kept)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(1, out, shards=shards)
+    return out
+
+
+def _run(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(1, *overrides), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_second_run_into_the_same_directory_stops_at_once(shards, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(command(1, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml"), cwd=REPO,
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_NAME).exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run took no lock"
+        time.sleep(0.05)
+    second = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+    assert second.returncode != 0
+    assert f"run directory {out} is in use by another run (host " in second.stderr, second.stderr[-2000:]
+    assert f"pid {first.pid}" in second.stderr
+    assert first.wait(timeout=300) == 0, first.stdout.read()[-3000:]
+    assert not (out / LOCK_NAME).exists()  # released on exit
+    assert len(json.loads((out / "metrics.json").read_text())["accuracy_matrix"]) == 3  # the first run's, whole
+
+
+def test_resume_with_a_changed_rank_names_every_changed_key(finished, shards):
+    proc = _run(f"output_dir={finished}", f"data.tasks={shards}/tasks.yaml", "inflora.rank=8", "ca.epochs=2",
+                "train.lr=0.001")  # fmt: skip
+    assert proc.returncode != 0
+    assert "was written with another config" in proc.stderr, proc.stderr[-3000:]
+    assert "inflora.rank: 4 -> 8" in proc.stderr and "ca.epochs: 5 -> 2" in proc.stderr
+    assert "train.lr" not in proc.stderr and "size mismatch" not in proc.stderr  # lr may change; no torch page
+
+
+def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(finished, shards, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    newest, older = sorted((out / "checkpoints").iterdir())[::-1]
+    state = newest / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:-8] + b"corrupt!")
+    named = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", f"resume={newest}")
+    assert named.returncode != 0 and f"{newest}: state.safetensors does not match its manifest" in named.stderr
+    proc = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping a corrupt checkpoint: checkpoint {newest}: state.safetensors" in proc.stderr
+    assert f"resumed from {older}" in proc.stderr
+    redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
+    assert redone["accuracy_matrix"] == original["accuracy_matrix"]  # task 2 trained again, to the same result
