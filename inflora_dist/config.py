@@ -149,6 +149,7 @@ class DeepSpeedSettings:
     offload: bool = False
     config_dir: str = "configs/deepspeed"
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the template, e.g. zero_optimization
+    collective_timeout_s: float = 600.0  # a collective waiting longer for a rank fails (DeepSpeed's default)
 
 
 @dataclass
@@ -257,6 +258,8 @@ def validate_run_config(cfg: RunConfig) -> None:
     budget = cfg.inflora.covariance_max_bytes_per_rank
     if budget is not None and budget < 1:
         raise ValueError(f"inflora.covariance_max_bytes_per_rank must be >= 1 or null, got {budget!r}")
+    if cfg.deepspeed.collective_timeout_s <= 0:
+        raise ValueError(f"deepspeed.collective_timeout_s must be > 0, got {cfg.deepspeed.collective_timeout_s!r}")
     if cfg.checkpoint.lock_stale_after_s <= 0:
         raise ValueError(f"checkpoint.lock_stale_after_s must be > 0, got {cfg.checkpoint.lock_stale_after_s!r}")
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every_steps < 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,20 @@ from inflora_dist.dist import free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout_s: float = 600.0) -> torch.device:
     """Start the process group (gloo on CPU, NCCL on GPUs) under deepspeed, torchrun or plain python.
 
     Plain `python` gets the environment of a one-process group (DeepSpeed would
-    otherwise look for MPI). Returns this process's device.
+    otherwise look for MPI). A collective that waits longer than `timeout_s` for
+    a rank fails (a rank that hangs, or a host that vanished without closing its
+    connections). Returns this process's device.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

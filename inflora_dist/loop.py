@@ -27,9 +27,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,14 +74,8 @@ class Progress:
     loader: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
 
 
-def _steps(loader: TaskLoader, accumulation: int) -> Any:
-    """The loader's micro-batches in lists of `accumulation`: one optimizer step each (the plan pads whole steps)."""
-    step: list[dict[str, Any]] = []
-    for batch in loader:
-        step.append(batch)
-        if len(step) == accumulation:
-            yield step
-            step = []
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss was NaN or infinite on some rank: every rank stops before its update."""
 
 
 class ContinualTrainer:
@@ -87,7 +83,7 @@ class ContinualTrainer:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.deepspeed.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(cfg.seed + self.rank)
         self.out = Path(cfg.output_dir)
@@ -380,56 +376,105 @@ class ContinualTrainer:
         return [{"params": branches}] + ([{"params": head, "lr": head_lr}] if head else [])
 
     def _fit(self, engine: Any, task: int, loader: TaskLoader) -> bool:
-        """Train stage `task` to the end of its epochs; False if stopped by a pre-emption signal."""
+        """Train stage `task` to the end of its epochs; False if stopped by a pre-emption signal.
+
+        One collective per optimizer step, between the step's last backward and its
+        update (`_step_sums`): the next step's units, this step's loss and its count
+        of non-finite micro-batch losses, and the pre-emption flags. A non-finite
+        loss on any rank so stops every rank before the update (NonFiniteLoss).
+        """
         cfg, a = self.cfg, self.accumulation
         tasks = self.stages[task]
-        steps_per_epoch = len(loader) // a
-        bar = self._bar(cfg.train.epochs * steps_per_epoch, f"task {task} train")
+        total = cfg.train.epochs * (len(loader) // a)
+        bar = self._bar(total, f"task {task} train")
         bar.update(self.progress.step)
         tick, samples = time.perf_counter(), 0.0
-        while loader.epoch < cfg.train.epochs:
-            engine.train()
-            for step in _steps(loader, a):
-                batches = [self.workload.prepare(b) for b in step]
-                # The loss is a mean over the step's units (real rows, or response tokens) on every rank, whatever
-                # the ranks and accumulation: DeepSpeed divides by `a` and averages over ranks, so each micro-batch's
-                # summed loss is scaled by a * world / (the step's units, all ranks).
-                local_units = float(sum(self.workload.units(b) for b in batches))
-                units = torch.tensor([local_units], dtype=torch.float64, device=dist.collective_device())
-                dist.all_reduce_sum_(units)  # collective
-                scale = a * self.world / max(float(units), 1.0)
-                local_loss = 0.0
-                for batch in batches:
-                    loss = self.workload.loss(engine, batch, tasks)
-                    engine.backward(loss * scale)
-                    engine.step()
-                    local_loss += float(loss.detach())
-                samples += sum(float(b["weight"].sum()) for b in batches)
-                self.progress.step += 1
-                self.progress.global_step += 1
-                bar.update(1)
-                if self.progress.step % cfg.train.log_every == 0:
-                    elapsed = time.perf_counter() - tick
-                    values = {
-                        "train/loss": local_loss / max(local_units, 1.0),  # this rank's share of the step
-                        "train/lr": engine.get_lr()[0],
-                        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                        "train/samples_per_s": samples * self.world / max(elapsed, 1e-9),
-                        "task": task,
-                    }
-                    bar.set_postfix(loss=f"{values['train/loss']:.3f}")
-                    self.monitor.log(values, self.progress.global_step)
-                    tick, samples = time.perf_counter(), 0.0
-                self.progress.loader = loader.state_dict()
-                every = cfg.checkpoint.every_steps
-                if every and self.progress.step % every == 0:
-                    self._save(f"task{task}-step{self.progress.step}", engine)
-                if self._stop_agreed():  # collective
-                    self._save(f"task{task}-step{self.progress.step}-preempted", engine)
-                    bar.close()
-                    return False
+        last_finite: tuple[int, float] | None = None
+        steps = self._train_steps(loader)
+        current = next(steps, None)
+        units = self._step_sums(current, 0.0, 0)[0]  # collective: the first step's units
+        engine.train()
+        while current is not None:
+            batches, position = current
+            # The loss is a mean over the step's units (real rows, or response tokens) on every rank, whatever
+            # the ranks and accumulation: DeepSpeed divides by `a` and averages over ranks, so each micro-batch's
+            # summed loss is scaled by a * world / (the step's units, all ranks).
+            scale = a * self.world / max(units, 1.0)
+            local_loss, bad = 0.0, 0
+            for i, batch in enumerate(batches):
+                loss = self.workload.loss(engine, batch, tasks)
+                value = float(loss.detach())
+                bad += not math.isfinite(value)
+                local_loss += value if math.isfinite(value) else 0.0
+                engine.backward(loss * scale)
+                if i < len(batches) - 1:
+                    engine.step()  # accumulation micro-step: no update yet
+            current = next(steps, None)
+            next_units, loss_sum, bad_total, stop = self._step_sums(current, local_loss, bad)  # collective
+            step_loss = loss_sum / max(units, 1.0)
+            if bad_total:
+                bar.close()
+                raise NonFiniteLoss(self._non_finite_message(task, total, int(bad_total), last_finite))
+            engine.step()  # the update
+            last_finite = (self.progress.step + 1, step_loss)
+            samples += sum(float(b["weight"].sum()) for b in batches)
+            self.progress.step += 1
+            self.progress.global_step += 1
+            self.progress.loader = position
+            bar.update(1)
+            if self.progress.step % cfg.train.log_every == 0:
+                elapsed = time.perf_counter() - tick
+                values = {
+                    "train/loss": step_loss,  # the step's mean over all ranks' units
+                    "train/lr": engine.get_lr()[0],
+                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/samples_per_s": samples * self.world / max(elapsed, 1e-9),
+                    "task": task,
+                }
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+                self.monitor.log(values, self.progress.global_step)
+                tick, samples = time.perf_counter(), 0.0
+            every = cfg.checkpoint.every_steps
+            if every and self.progress.step % every == 0:
+                self._save(f"task{task}-step{self.progress.step}", engine)
+            if stop:
+                self._save(f"task{task}-step{self.progress.step}-preempted", engine)
+                bar.close()
+                return False
+            units = next_units
         bar.close()
         return True
+
+    def _train_steps(self, loader: TaskLoader) -> Iterator[tuple[list[dict[str, torch.Tensor]], dict[str, int]]]:
+        """The remaining optimizer steps of the task: (prepared micro-batches, loader position after them)."""
+        while loader.epoch < self.cfg.train.epochs:
+            step: list[dict[str, torch.Tensor]] = []
+            for batch in loader:
+                step.append(self.workload.prepare(batch))
+                if len(step) == self.accumulation:  # the plan pads whole steps
+                    yield step, loader.state_dict()
+                    step = []
+
+    def _step_sums(self, upcoming: Any, loss: float, bad: int) -> tuple[float, float, float, bool]:
+        """(units of the upcoming step, this step's summed loss, non-finite losses, stop requested), summed over
+        the ranks in one all-reduce. Collective."""
+        units = float(sum(self.workload.units(b) for b in upcoming[0])) if upcoming is not None else 0.0
+        sums = torch.tensor([units, loss, float(bad), float(self._stop)], dtype=torch.float64)
+        sums = dist.all_reduce_sum_(sums.to(dist.collective_device())).tolist()
+        return sums[0], sums[1], sums[2], sums[3] > 0
+
+    def _non_finite_message(self, task: int, total: int, bad: int, last_finite: tuple[int, float] | None) -> str:
+        t = self.cfg.train
+        last = f"the last finite step loss was {last_finite[1]:.6g} (step {last_finite[0]})" if last_finite else (
+            "no step of this task had a finite loss yet"
+        )  # fmt: skip
+        return (
+            f"task {task} ({self.names[self.stages[task][0]]}), step {self.progress.step + 1} of {total}: the loss "
+            f"is not finite ({bad} micro-batch(es) over all ranks); {last}. Every rank stopped before the update; "
+            f"no checkpoint of this step was written. Likely causes: a learning rate too high (train.lr={t.lr:g}, "
+            f"train.head_lr={t.head_lr}), or the precision (train.precision={t.precision}, model.dtype="
+            f"{self.cfg.model.dtype}): lower the lr, set train.grad_clip, or train in fp32."
+        )
 
     def _start_branches(self, engine: Any, stage: int) -> float:
         """Install the stage's A: designed from its covariance (InfLoRA, joint) or drawn at random (seq-LoRA).

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from trainer_runs import REPO, command, env, train
 
@@ -82,3 +83,36 @@ def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(finished, shard
     assert f"resumed from {older}" in proc.stderr
     redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
     assert redone["accuracy_matrix"] == original["accuracy_matrix"]  # task 2 trained again, to the same result
+
+
+def test_a_diverging_run_stops_at_the_step_naming_the_cause(shards, tmp_path):
+    """SGD at lr 1e35: step 1 is finite, its update blows the branch up, step 2's loss is not: both ranks stop
+    there together, before the update, and nothing of task 0 is checkpointed or exported."""
+    out = tmp_path / "run"
+    args = command(2, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "train.optimizer=sgd", "train.lr=1e35")
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "NonFiniteLoss: task 0 (task0), step 2 of " in log, log[-3000:]
+    assert "the last finite step loss was" in log and "(step 1)" in log and "train.lr=1e+35" in log
+    assert "covariance contains NaN" not in log
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert not (out / "metrics.json").exists() and not (out / "continual_state.safetensors").exists()
+
+
+def test_a_rank_dying_mid_task_ends_the_run_in_bounded_time(shards, tmp_path):
+    """kill -9 of rank 1 while training: rank 0's next collective fails (its peer's connection closed; a hung
+    peer would hit deepspeed.collective_timeout_s), torchrun ends the job non-zero, nothing hangs."""
+    out = tmp_path / "run"
+    args = command(2, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "deepspeed.collective_timeout_s=60")
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "stage 0: training" in line:
+            break
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    rank1 = next(w for w in workers if w.environ().get("RANK") == "1")
+    start = time.monotonic()
+    rank1.kill()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 90
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
