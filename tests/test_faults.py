@@ -14,10 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from trainer_runs import REPO, command, env, train
+from trainer_runs import REPO, command, env, tiny_shards, train
 
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
-from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
@@ -26,9 +25,7 @@ pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fa
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults") / "shards"
-    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2",
-                  "--train-per-class", "48", "--eval-per-class", "16", "--shard-size", "40", "--quiet"])  # fmt: skip
-    return out
+    return tiny_shards(out, train_per_class=48, eval_per_class=16)
 
 
 @pytest.fixture(scope="module")

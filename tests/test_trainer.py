@@ -13,11 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from trainer_runs import REPO, command, env, heads_and_statistics, results, train
+from trainer_runs import REPO, command, env, heads_and_statistics, results, tiny_shards, train
 
 from inflora_dist.config import RunConfig, load_run_config
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
-from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import free_port
 from inflora_dist.loop import PREEMPTED_EXIT_CODE
 
@@ -27,9 +26,7 @@ pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fa
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "shards"
-    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2",
-                  "--train-per-class", "96", "--eval-per-class", "32", "--shard-size", "40", "--quiet"])  # fmt: skip
-    return out
+    return tiny_shards(out)
 
 
 @pytest.fixture(scope="module")

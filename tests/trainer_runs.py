@@ -10,11 +10,20 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_vit.yaml"
 LLM_CONFIG = REPO / "configs" / "tiny_llm.yaml"
+
+
+def tiny_shards(out: Path, train_per_class: int = 96, eval_per_class: int = 32) -> Path:
+    """The tiny config's task sequence (3 Fashion-MNIST tasks of 2 classes) written to `out`."""
+    sizes = ["--train-per-class", str(train_per_class), "--eval-per-class", str(eval_per_class)]
+    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2", *sizes,
+                  "--shard-size", "40", "--quiet"])  # fmt: skip
+    return out
 
 
 def env() -> dict[str, str]:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import SlurmCluster, make_root, unavailable
-from trainer_runs import env, train
+from trainer_runs import env, tiny_shards, train
 
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
-from inflora_dist.data.build_shards import main as build_shards
 
 VENV = Path(sys.executable).parent.parent
 
@@ -52,9 +51,7 @@ def shards(tmp_path_factory) -> Path:
     if not Path(FASHION_MNIST_DIR).exists():
         pytest.skip("Fashion-MNIST is not installed (make test installs Debian's dataset-fashion-mnist)")
     out = tmp_path_factory.mktemp("cluster-tiny") / "shards"
-    build_shards(["fashion-mnist", "--out", str(out), "--tasks", "3", "--classes-per-task", "2",
-                  "--train-per-class", "96", "--eval-per-class", "32", "--shard-size", "40", "--quiet"])  # fmt: skip
-    return out
+    return tiny_shards(out)
 
 
 @pytest.fixture(scope="session")
