@@ -37,6 +37,10 @@ class CheckpointCorrupt(RuntimeError):
     """A checkpoint's files do not match its manifest (or the manifest is unreadable)."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the ones before it are untouched."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,30 +82,60 @@ class Checkpointer:
         return sorted(p for p in self.root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).exists())
 
     def save(self, label: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], engine: Any = None) -> Path:
-        """Write one checkpoint. Collective: every rank calls it (each writes its RNG state and engine shard)."""
+        """Write one checkpoint. Collective: every rank calls it (each writes its RNG state and engine shard).
+
+        A failed write on any rank (a full disk, a quota) raises CheckpointWriteError on every rank and
+        removes the partial checkpoint; the complete ones before it are untouched.
+        """
         done = self.complete()
         number = int(done[-1].name.split("-")[0]) + 1 if done else 0
         name = f"{number:06d}-{label}"
         tmp = self.root / f".tmp-{name}"
+        failure = ""
+        if dist.is_main_process():
+            try:
+                for stale in self.root.glob(".tmp-*"):  # left by a writer that was killed (the run lock: no other)
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                failure = f"rank 0: {err}"
+        self._agree(failure, name, tmp, done)  # collective: the directory exists for everyone
+        try:
+            if engine is not None:
+                engine.save_checkpoint(str(tmp / "engine"), tag="engine")  # collective
+            (tmp / f"rng.{dist.get_rank()}.json").write_text(json.dumps(rng_state()))
+        except OSError as err:
+            failure = f"rank {dist.get_rank()}: {err}"
+        self._agree(failure, name, tmp, done)  # collective: every rank's files are written
+        if dist.is_main_process():
+            try:
+                state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+                save_file(state, str(tmp / "state.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+                files = sorted(p for p in tmp.rglob("*") if p.is_file())
+                manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+                os.replace(tmp, self.root / name)
+                for old in self.complete()[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError as err:
+                failure = f"rank 0: {err}"
+        self._agree(failure, name, tmp, done)  # collective: the checkpoint is in place before anyone goes on
+        return self.root / name
+
+    def _agree(self, failure: str, name: str, tmp: Path, done: list[Path]) -> None:
+        """Share whether any rank failed to write (one all-reduce); if one did, clean up and raise on all."""
+        failed = dist.all_reduce_sum_(torch.tensor([float(bool(failure))], device=dist.collective_device()))
+        if float(failed) == 0:
+            return
         if dist.is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()  # collective: the directory exists for everyone
-        if engine is not None:
-            engine.save_checkpoint(str(tmp / "engine"), tag="engine")  # collective
-        (tmp / f"rng.{dist.get_rank()}.json").write_text(json.dumps(rng_state()))
-        dist.barrier()  # collective: every rank's files are written
-        if dist.is_main_process():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            os.replace(tmp, self.root / name)
-            for old in self.complete()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()  # collective: the checkpoint is in place before anyone goes on
-        return self.root / name
+        last = done[-1] if done else None
+        raise CheckpointWriteError(
+            f"writing checkpoint {name} into {self.root} failed ({failure or 'on another rank'}); the partial "
+            f"checkpoint was removed and the last complete one, {last or 'none yet'}, is untouched: free space "
+            "(or fix the file system) and run again with resume=auto"
+        )
 
     @staticmethod
     def verify(path: Path) -> None:

@@ -1,13 +1,16 @@
 """Faults a user meets, each asserting the exit status and the message: real runs of the tiny config.
 
-Two runs into one output_dir at once, a resume with a config that changes the saved state's shapes,
-and a corrupt newest checkpoint under resume=auto (and named by resume=<dir>).
+Two runs into one output_dir at once; a resume with a config that changes the saved state's shapes; a
+corrupt newest checkpoint under resume=auto (and named by resume=<dir>); a diverging run; a rank killed
+mid-task; a full disk (a real tmpfs); a half-written checkpoint (its on-disk traces, simulated); SIGTERM
+during a covariance pass.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +19,9 @@ import psutil
 import pytest
 from trainer_runs import REPO, command, env, tiny_shards, train
 
+from inflora_dist.checkpoint import Checkpointer
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
+from inflora_dist.loop import PREEMPTED_EXIT_CODE
 from inflora_dist.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
@@ -113,3 +118,75 @@ def test_a_rank_dying_mid_task_ends_the_run_in_bounded_time(shards, tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.monotonic() - start < 90
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode == 0
+
+
+def test_a_full_disk_fails_the_checkpoint_and_keeps_the_last_complete_one(finished, shards, tmp_path):
+    """The checkpoints on a 160 KiB tmpfs: tasks 0 and 1 fit, task 2's does not (ENOSPC). The run stops with an
+    error naming the checkpoint, the partial one is gone, task 1's still verifies; with space, resume=auto ends
+    the run as the uninterrupted one."""
+    out = tmp_path / "run"
+    if not _mount_tmpfs(out / "checkpoints", "160k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        proc = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "checkpoint.keep=5")
+        assert proc.returncode != 0
+        assert "CheckpointWriteError: writing checkpoint 000002-task2-done into" in proc.stderr, proc.stderr[-3000:]
+        assert "No space left on device" in proc.stderr and "000001-task1-done, is untouched" in proc.stderr
+        names = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert names == ["000000-task0-done", "000001-task1-done"], names  # no partial one left
+        Checkpointer.verify(out / "checkpoints" / names[-1])
+        assert subprocess.run(["mount", "-o", "remount,size=10m", str(out / "checkpoints")]).returncode == 0
+        proc = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "checkpoint.keep=5")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stderr and "000001-task1-done" in proc.stderr
+        redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
+        assert redone["accuracy_matrix"] == original["accuracy_matrix"]
+    finally:
+        subprocess.run(["umount", str(out / "checkpoints")])
+
+
+def test_a_checkpoint_left_half_written_is_never_picked(finished, shards, tmp_path):
+    """What kill -9 during a write leaves (simulated on disk: the hidden temp directory of an unfinished write,
+    and a directory without its manifest) is skipped by resume=auto and cleared by the next write."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    root = out / "checkpoints"
+    last, newest = sorted(root.iterdir())  # task 1's and task 2's: drop task 2's, so task 2 trains again
+    shutil.rmtree(newest)
+    (root / ".tmp-000003-task2-step5").mkdir()
+    (root / ".tmp-000003-task2-step5" / "rng.0.json").write_text("{")
+    half = root / "000004-task2-step9"
+    shutil.copytree(last, half)
+    (half / "manifest.json").unlink()
+    proc = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {last}" in proc.stderr
+    assert not list(root.glob(".tmp-*"))  # cleared by the next write
+    redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
+    assert redone["accuracy_matrix"] == original["accuracy_matrix"]
+
+
+def test_sigterm_during_the_covariance_pass_resumes_exactly(finished, shards, tmp_path):
+    """SIGTERM as task 1's covariance pass (its A's design) starts: the pass, A and the step under way complete,
+    the run checkpoints and exits 75; the rerun ends as the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(1, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml"), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "stage 1 (task1): the branch's A" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    log = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    assert any(p.name.endswith("-preempted") for p in (out / "checkpoints").iterdir())
+    again = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+    assert again.returncode == 0, again.stderr[-3000:]
+    redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
+    assert redone["accuracy_matrix"] == original["accuracy_matrix"]
