@@ -125,8 +125,7 @@ class Checkpointer:
 
     def _agree(self, failure: str, name: str, tmp: Path, done: list[Path]) -> None:
         """Share whether any rank failed to write (one all-reduce); if one did, clean up and raise on all."""
-        failed = dist.all_reduce_sum_(torch.tensor([float(bool(failure))], device=dist.collective_device()))
-        if float(failed) == 0:
+        if not dist.any_rank(bool(failure)):
             return
         if dist.is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -164,8 +163,7 @@ class Checkpointer:
                 Checkpointer.verify(path)
             except CheckpointCorrupt as err:
                 failure = str(err)
-        failed = dist.all_reduce_sum_(torch.tensor([float(bool(failure))], device=dist.collective_device()))
-        if float(failed) > 0:
+        if dist.any_rank(bool(failure)):
             raise CheckpointCorrupt(failure or f"checkpoint {path} failed verification on another node")
 
     @staticmethod

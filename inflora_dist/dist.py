@@ -72,6 +72,12 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce). Collective."""
+    value = torch.tensor([float(flag)], device=collective_device())
+    return float(all_reduce_sum_(value)) > 0
+
+
 def reduce_sum_(tensor: torch.Tensor, dst: int) -> torch.Tensor:
     """Sum `tensor` over all ranks into rank `dst` (other ranks' copies become undefined). Collective."""
     _check_contiguous(tensor)

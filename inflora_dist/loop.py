@@ -145,8 +145,7 @@ class ContinualTrainer:
                 self.lock.acquire()
             except RunDirectoryLocked as err:
                 failure = str(err)
-        flag = torch.tensor([float(bool(failure))], device=dist.collective_device())
-        if float(dist.all_reduce_sum_(flag)) > 0:
+        if dist.any_rank(bool(failure)):  # collective
             raise RunDirectoryLocked(failure or f"run directory {self.out} is in use by another run (see rank 0)")
 
     def _task_sequence(self) -> TaskSequenceConfig:
@@ -168,8 +167,7 @@ class ContinualTrainer:
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got a pre-emption signal. Collective (one all-reduce)."""
-        flag = torch.tensor([float(self._stop)], device=dist.collective_device())
-        return bool(dist.all_reduce_sum_(flag).item() > 0)
+        return dist.any_rank(self._stop)
 
     def _loader(self, task: int | list[int], split: str, mode: str, batch: int, accumulation: int = 1) -> TaskLoader:
         # Training on several tasks at once (joint) interleaves their shards, so every batch mixes the tasks.
