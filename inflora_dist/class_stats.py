@@ -85,16 +85,16 @@ class ClassSums:
                 xc = x[rows]
                 self.second[k].addmm_((xc * w[rows, None]).T, xc)
 
-    def all_reduce_(self) -> None:
-        """Sum the counts and sums over all ranks in one collective (one flat float64 buffer). Collective."""
+    def all_reduce_(self, bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES) -> int:
+        """Sum the counts, sums and second moments over all ranks, packed into flat float64 buckets of at most
+        `bucket_bytes` (the covariance reduction's path). Returns the number of collectives. Collective."""
         device = dist.collective_device()
-        parts = (self.counts, self.sums, self.second)
-        flat = torch.cat([p.reshape(-1).to(device) for p in parts])
-        dist.all_reduce_sum_(flat)
-        offset = 0
-        for p in parts:
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        parts = [p.to(device) for p in (self.counts, self.sums, self.second)]
+        collectives = dist.sum_in_buckets_([p.reshape(-1) for p in parts], bucket_bytes)
+        for mine, reduced in zip((self.counts, self.sums, self.second), parts, strict=True):
+            if reduced is not mine:
+                mine.copy_(reduced)
+        return collectives
 
 
 class ClassStatistics:

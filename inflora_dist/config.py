@@ -93,7 +93,9 @@ class InfLoRAConfig:
     lambda_end: float = 1.0
     fold: str = "merge"
     reduce: str = "all_reduce"
-    accumulation_dtype: str = "auto"
+    accumulation_dtype: str = "auto"  # running x x^T sums (auto: float64)
+    covariance_gemm_dtype: str = "auto"  # each batch's x^T x (auto: float64 on CPU, float32 on accelerators)
+    reduce_bucket_bytes: int = 256 * 2**20  # cap of one flat covariance-reduction bucket
     covariance_max_bytes_per_rank: int | None = None  # split covariance passes to fit (None: one pass)
 
 
@@ -210,6 +212,7 @@ _CHOICES = {
     "inflora.fold": ("merge", "stack"),
     "inflora.reduce": ("all_reduce", "owner"),
     "inflora.accumulation_dtype": ("auto", "float32", "float64"),
+    "inflora.covariance_gemm_dtype": ("auto", "float32", "float64"),
     "train.optimizer": ("adam", "sgd"),
     "ca.covariance": ("full", "diagonal", "shared"),
     "train.precision": ("fp32", "bf16"),
@@ -231,7 +234,7 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"{key} must be one of {list(allowed)}, got {_get(cfg, key)!r}")
     positive = (
         "inflora.rank", "train.global_batch_size", "train.epochs", "train.eval_batch_size", "model.image_size",
-        "model.max_length", "model.max_new_tokens", "ca.samples_per_class", "ca.epochs",
+        "model.max_length", "model.max_new_tokens", "ca.samples_per_class", "ca.epochs", "inflora.reduce_bucket_bytes",
     )  # fmt: skip
     for key in positive:
         if not isinstance(_get(cfg, key), int) or _get(cfg, key) < 1:

@@ -74,7 +74,12 @@ class InfLoRA:
         lambda_end: float,
         reduce: str = "all_reduce",
         accumulation_dtype: torch.dtype | None = None,
+        gemm_dtype: torch.dtype | None = None,
+        bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES,
     ) -> None:
+        """`accumulation_dtype` (default float64) and `gemm_dtype` (default: float64 on CPU, float32 on
+        accelerators) are the covariance sums' and each batch's x^T x; `bucket_bytes` caps one reduction
+        bucket (see covariance.py)."""
         if reduce not in REDUCE_MODES:
             raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
         self.report = report
@@ -83,7 +88,13 @@ class InfLoRA:
         self.reduce = reduce
         self.memories = {g: SubspaceMemory(d, lambda_begin, lambda_end, self.num_tasks) for g, d in report.dims.items()}
         representatives = {g: report.layers[names[0]] for g, names in report.groups.items()}
-        self.collector = CovarianceCollector(representatives, report.dims, dtype=accumulation_dtype)
+        self.collector = CovarianceCollector(
+            representatives,
+            report.dims,
+            dtype=accumulation_dtype or torch.float64,
+            gemm_dtype=gemm_dtype,
+            bucket_bytes=bucket_bytes,
+        )
         self.owners = assign_owners(report.dims, dist.get_world_size()) if reduce == "owner" else None
 
     def _reduced_covariances(self) -> dict[str, torch.Tensor]:

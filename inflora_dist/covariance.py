@@ -9,6 +9,17 @@ compute over the union of the data, however it is split:
   * owner mode: each group is reduced to one owner rank (groups assigned to
     balance the d^3 cost of decomposing them), so only the owner ever holds the
     reduced covariance; the caller broadcasts what the owner derives from it.
+
+Precision: each batch's x^T x is one GEMM in `gemm_dtype` (float32 on
+accelerators), added into a running sum in `dtype` (float64 by default), so a
+pass over millions of tokens with a few huge activation coordinates keeps the
+small directions that a float32 running sum rounds away.
+
+Traffic: the sums are symmetric, so only their upper triangles (d(d+1)/2
+values) and the token counts travel, packed back to back into flat buckets of
+at most `bucket_bytes` (`dist.sum_in_buckets_`): a pass costs ceil(bytes / cap)
+collectives and one bucket of extra memory, and the reduced triangle is
+mirrored back into the full matrix.
 """
 
 from __future__ import annotations
@@ -22,9 +33,17 @@ from torch import nn
 from inflora_dist import dist
 
 
-def default_accumulation_dtype(device: torch.device) -> torch.dtype:
-    """float64 on CPU (cheap there, and exact enough to match across any split); float32 on accelerators."""
+def default_gemm_dtype(device: torch.device) -> torch.dtype:
+    """dtype of the per-batch x^T x: float64 on CPU (cheap there, and the same sums however the data is
+    split into batches), float32 on accelerators (the GEMM is what costs; the running sum stays float64)."""
     return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def mirror_(upper: torch.Tensor) -> torch.Tensor:
+    """Overwrite the lower triangle of a square matrix with its upper one (exact; one d^2 temporary)."""
+    upper.triu_()
+    upper += upper.triu(1).T
+    return upper
 
 
 class CovarianceCollector:
@@ -38,12 +57,25 @@ class CovarianceCollector:
     whole rows); 1 for real tokens, 0 for padding.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], dims: Mapping[str, int], dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        dims: Mapping[str, int],
+        dtype: torch.dtype = torch.float64,
+        gemm_dtype: torch.dtype | None = None,
+        bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES,
+    ):
         if set(modules) != set(dims):
             raise ValueError(f"modules and dims name different groups: {sorted(set(modules) ^ set(dims))}")
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.modules = dict(modules)
         self.dims = dict(dims)
-        self.dtype = dtype
+        self.dtype = dtype  # of the running sums
+        self.gemm_dtype = gemm_dtype  # of each batch's x^T x; None: default_gemm_dtype of the activations' device
+        self.bucket_bytes = bucket_bytes
+        #: What the last reduction sent: {"bytes": ..., "collectives": ...} (for benchmarks and logs).
+        self.last_reduction: dict[str, int] = {}
         self.sums: dict[str, torch.Tensor] = {}  # (d, d), allocated on first use
         self.counts: dict[str, torch.Tensor] = {}  # scalar, same dtype as the sums
         self._mask: torch.Tensor | None = None
@@ -60,19 +92,18 @@ class CovarianceCollector:
 
     def _buffers(self, group: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if group not in self.sums:
-            dtype = self.dtype or default_accumulation_dtype(device)
             d = self.dims[group]
-            self.sums[group] = torch.zeros(d, d, dtype=dtype, device=device)
-            self.counts[group] = torch.zeros((), dtype=dtype, device=device)
+            self.sums[group] = torch.zeros(d, d, dtype=self.dtype, device=device)
+            self.counts[group] = torch.zeros((), dtype=self.dtype, device=device)
         return self.sums[group], self.counts[group]
 
     def _hook(self, group: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             total, count = self._buffers(group, x.device)
-            x = x.reshape(-1, x.shape[-1]).to(total.dtype)  # (tokens, d)
+            x = x.reshape(-1, x.shape[-1]).to(self.gemm_dtype or default_gemm_dtype(x.device))  # (tokens, d)
             if self._mask is None:
-                total.addmm_(x.T, x)
+                self._add(total, x, x)
                 count += x.shape[0]
                 return
             mask = self._mask
@@ -85,10 +116,18 @@ class CovarianceCollector:
             # A per-row mask (batch,) covers every token of its row.
             mask = mask.reshape(*mask.shape, *([1] * (len(lead) - mask.ndim))).expand(lead)
             w = mask.reshape(-1, 1).to(device=x.device, dtype=x.dtype)  # (tokens, 1), 0 for padding
-            total.addmm_((x * w).T, x)  # sum_n w_n x_n x_n^T without a host sync on the mask
+            self._add(total, x * w, x)  # sum_n w_n x_n x_n^T without a host sync on the mask
             count += w.sum()
 
         return hook
+
+    @staticmethod
+    def _add(total: torch.Tensor, left: torch.Tensor, x: torch.Tensor) -> None:
+        # The product in the GEMM's dtype, then one d^2 add into the (wider) running sum.
+        if left.dtype == total.dtype:
+            total.addmm_(left.T, x)
+        else:
+            total += left.T @ x
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
@@ -131,46 +170,64 @@ class CovarianceCollector:
             (self.sums if kind == "sum" else self.counts)[group] = value.clone()
 
     # --------------------------------------------------------------- reduction
-    def _reduced_counts(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Total token count of every group, on every rank. Collective (one all-reduce).
+    def _local(self, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every group's local sum and the stacked token counts, on `device`.
 
-        A rank that saw no token of a group still allocates zero sums for it on
-        `device`, so it takes part in every collective.
+        A rank that saw no token of a group still allocates zero sums for it, so
+        it takes part in every collective.
         """
-        counts = torch.stack([self._buffers(g, device)[1].to(device) for g in self.groups])
-        dist.all_reduce_sum_(counts)
+        sums = {g: self._buffers(g, device)[0].to(device) for g in self.groups}
+        counts = torch.stack([self.counts[g].to(device) for g in self.groups])
+        return sums, counts
+
+    def _triangles(self, sums: Mapping[str, torch.Tensor], groups: list[str]) -> list[torch.Tensor]:
+        # Row i of an upper triangle is the contiguous slice sum[i, i:]: packed without a copy of the triangle.
+        return [sums[g][i, i:] for g in groups for i in range(self.dims[g])]
+
+    def _check_counts(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         for g, n in zip(self.groups, counts.tolist(), strict=True):
             if n <= 0:
                 raise ValueError(f"input group {g!r} saw no tokens in the covariance pass")
         return dict(zip(self.groups, counts.double(), strict=True))
 
+    def reduce_bytes(self, groups: list[str] | None = None) -> int:
+        """Bytes one reduction of `groups` (default all) sends per rank: upper triangles and counts."""
+        groups = self.groups if groups is None else groups
+        return sum(self.dims[g] * (self.dims[g] + 1) // 2 + 1 for g in groups) * self.dtype.itemsize
+
     def all_reduce(self) -> dict[str, torch.Tensor]:
         """Every group's covariance over all ranks' data, on every rank (float64).
 
-        Collective: every rank calls it, with the same groups.
+        Collective: every rank calls it, with the same groups. One stream of
+        buckets: the counts, then every group's upper triangle.
         """
         device = dist.collective_device()
-        counts = self._reduced_counts(device)
-        out = {}
-        for g in self.groups:
-            total = dist.all_reduce_sum_(self._buffers(g, device)[0].to(device))  # collective
-            out[g] = total.double() / counts[g]
+        sums, counts = self._local(device)
+        collectives = dist.sum_in_buckets_([counts, *self._triangles(sums, self.groups)], self.bucket_bytes)
+        self.last_reduction = {"bytes": self.reduce_bytes(), "collectives": collectives}
+        totals = self._check_counts(counts)
+        out = {g: mirror_(sums[g]).double().div_(totals[g]) for g in self.groups}
         self.reset()
         return out
 
     def reduce_to_owners(self, owners: Mapping[str, int]) -> dict[str, torch.Tensor]:
         """Covariances of the groups this rank owns (float64); other groups' sums are dropped.
 
-        Collective: every rank calls it with the same `owners`.
+        Collective: every rank calls it with the same `owners`. The counts are
+        all-reduced first (one small collective: every rank must see an empty
+        group, or only its owner would stop), then each owner's triangles are
+        reduced to it in their own stream of buckets.
         """
         device = dist.collective_device()
-        counts = self._reduced_counts(device)
+        sums, counts = self._local(device)
+        collectives = dist.sum_in_buckets_([counts], self.bucket_bytes)
+        totals = self._check_counts(counts)
         rank = dist.get_rank()
-        out = {}
-        for g in self.groups:
-            total = dist.reduce_sum_(self._buffers(g, device)[0].to(device), dst=owners[g])  # collective
-            if owners[g] == rank:
-                out[g] = total.double() / counts[g]
+        for owner in sorted(set(owners[g] for g in self.groups)):
+            mine = [g for g in self.groups if owners[g] == owner]
+            collectives += dist.sum_in_buckets_(self._triangles(sums, mine), self.bucket_bytes, dst=owner)
+        self.last_reduction = {"bytes": self.reduce_bytes(), "collectives": collectives}
+        out = {g: mirror_(sums[g]).double().div_(totals[g]) for g in self.groups if owners[g] == rank}
         self.reset()
         return out
 

@@ -8,9 +8,10 @@ raises instead of silently computing per-rank results.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,75 @@ def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
     if get_world_size() > 1:
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+#: Default cap of one flat bucket in `sum_in_buckets_` (also `inflora.reduce_bucket_bytes`).
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+
+
+def num_buckets(numel: int, itemsize: int, bucket_bytes: int) -> int:
+    """How many buckets of at most `bucket_bytes` carry `numel` elements of `itemsize` bytes."""
+    return math.ceil(numel / max(1, bucket_bytes // itemsize))
+
+
+def sum_in_buckets_(segments: Sequence[torch.Tensor], bucket_bytes: int, dst: int | None = None) -> int:
+    """Sum 1-D tensors over all ranks in place, packed back to back into flat buckets. Collective.
+
+    The segments (contiguous 1-D, one dtype and device, e.g. views into larger
+    tensors) are copied into one buffer of at most `bucket_bytes` (a segment
+    may straddle two buckets), each full bucket is summed with one collective
+    and copied back: a stream of n elements costs ceil(n * itemsize /
+    bucket_bytes) collectives and one bucket of extra memory, and the sums are
+    elementwise the ones of reducing each segment on its own. With `dst` the
+    buckets are reduced to that rank only (the others' segments become
+    undefined). Returns the number of collectives (also at world size 1, where
+    nothing is sent or copied).
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    segments = [s for s in segments if s.numel()]
+    if not segments:
+        return 0
+    dtype, device = segments[0].dtype, segments[0].device
+    for s in segments:
+        _check_contiguous(s)
+        if s.ndim != 1 or s.dtype != dtype or s.device != device:
+            raise ValueError(f"segments must be 1-D {dtype} on {device}, got {s.dtype} {tuple(s.shape)} on {s.device}")
+    total = sum(s.numel() for s in segments)
+    count = num_buckets(total, dtype.itemsize, bucket_bytes)
+    if get_world_size() == 1:
+        return count
+    cap = max(1, bucket_bytes // dtype.itemsize)
+    bucket = torch.empty(min(cap, total), dtype=dtype, device=device)
+    placed: list[tuple[torch.Tensor, int]] = []  # (segment slice, offset in the bucket)
+    fill = 0
+
+    def flush() -> None:
+        nonlocal fill
+        if dst is None:
+            all_reduce_sum_(bucket[:fill])
+        else:
+            reduce_sum_(bucket[:fill], dst)
+        if dst is None or get_rank() == dst:
+            for part, offset in placed:
+                part.copy_(bucket[offset : offset + part.numel()])
+        placed.clear()
+        fill = 0
+
+    for s in segments:
+        start = 0
+        while start < s.numel():
+            n = min(s.numel() - start, cap - fill)
+            part = s[start : start + n]
+            bucket[fill : fill + n].copy_(part)
+            placed.append((part, fill))
+            fill += n
+            start += n
+            if fill == cap:
+                flush()
+    if fill:
+        flush()
+    return count
 
 
 def barrier() -> None:

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 #: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
 _STATS = "class_stats."  # checkpoint tensor prefix of the class statistics
-_ACCUMULATION_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -115,7 +115,9 @@ class ContinualTrainer:
             cfg.inflora.lambda_begin,
             cfg.inflora.lambda_end,
             reduce=cfg.inflora.reduce,
-            accumulation_dtype=_ACCUMULATION_DTYPES[cfg.inflora.accumulation_dtype],
+            accumulation_dtype=_DTYPES[cfg.inflora.accumulation_dtype],
+            gemm_dtype=_DTYPES[cfg.inflora.covariance_gemm_dtype],
+            bucket_bytes=cfg.inflora.reduce_bucket_bytes,
         )
         self.micro, self.accumulation = batch_layout(
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
@@ -339,7 +341,7 @@ class ContinualTrainer:
             with self.inflora.collector.capturing():
                 run_pass(self.inflora.collector)
             return None, time.perf_counter() - start, summing[0]
-        plan = plan_for(self.inflora, budget, dist.collective_device())
+        plan = plan_for(self.inflora, budget)
         if dist.is_main_process():
             logger.info("covariance plan:\n%s", plan.describe())
         covs = collect_in_passes(self.inflora, plan, run_pass)  # collective

@@ -27,7 +27,14 @@ returns, a rank holds
     for the largest group it keeps in the pass (`total.double() / count` makes
     a float64 copy, then the quotient);
   * with `keep_results=True` (what `collect_in_passes` does without
-    `on_pass`), the reduced covariances it kept from earlier passes.
+    `on_pass`), the reduced covariances it kept from earlier passes;
+  * with more than one rank, one reduction bucket: min(bucket_bytes, the
+    pass's traffic), the traffic being the upper triangles and counts,
+    (d(d+1)/2 + 1) * b per group (`dist.sum_in_buckets_`).
+
+With float64 sums the reduced covariance is the local sum's own memory,
+mirrored and divided in place, so counting both is an upper bound that also
+covers the mirror's d*d temporary.
 
 The peak of a pass is that sum; it is an upper bound on what the collector
 allocates (the order of allocation inside the reduce only lowers it). Not
@@ -46,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inflora_dist import dist
-from inflora_dist.covariance import CovarianceCollector, assign_owners, default_accumulation_dtype
+from inflora_dist.covariance import CovarianceCollector, assign_owners
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,11 @@ RESULT_BYTES_PER_ELEMENT = 8
 def sum_bytes(d: int, bytes_per_element: int) -> int:
     """Bytes of one group's local sum and token count: (d*d + 1) * bytes_per_element."""
     return (d * d + 1) * bytes_per_element
+
+
+def traffic_bytes(d: int, bytes_per_element: int) -> int:
+    """Bytes one group adds to a reduction: its upper triangle and token count, (d(d+1)/2 + 1) * b."""
+    return (d * (d + 1) // 2 + 1) * bytes_per_element
 
 
 def result_bytes(d: int) -> int:
@@ -86,6 +98,7 @@ class CovariancePlan:
     bytes_per_element: int
     max_bytes_per_rank: int | None
     keep_results: bool
+    bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES
     passes: list[list[str]] = field(default_factory=list)
     owners: dict[str, int] | None = None
     bytes_per_rank_per_pass: list[list[int]] = field(default_factory=list)
@@ -166,6 +179,7 @@ def plan_covariance(
     max_bytes_per_rank: int | None = None,
     reduce: str = "owner",
     keep_results: bool = True,
+    bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES,
 ) -> CovariancePlan:
     """Split the input groups into covariance passes whose per-rank peak fits `max_bytes_per_rank`.
 
@@ -188,6 +202,8 @@ def plan_covariance(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if bytes_per_element < 1:
         raise ValueError(f"bytes_per_element must be >= 1, got {bytes_per_element}")
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     if max_bytes_per_rank is not None and max_bytes_per_rank < 1:
         raise ValueError(f"max_bytes_per_rank must be positive or None, got {max_bytes_per_rank}")
     dims = {g: int(d) for g, d in dims.items()}
@@ -201,12 +217,15 @@ def plan_covariance(
         bytes_per_element=bytes_per_element,
         max_bytes_per_rank=max_bytes_per_rank,
         keep_results=keep_results,
+        bucket_bytes=bucket_bytes,
         owners=assign_owners(dims, world_size) if reduce == "owner" else None,
     )
     b = bytes_per_element
 
     def peaks(groups: list[str], carried: list[int]) -> list[int]:
         local = sum(sum_bytes(dims[g], b) for g in groups)
+        if world_size > 1:
+            local += min(bucket_bytes, sum(traffic_bytes(dims[g], b) for g in groups))
         out = []
         for r in range(world_size):
             kept = [result_bytes(dims[g]) for g in plan.kept_by(r, groups)]
@@ -249,22 +268,17 @@ def plan_covariance(
     return plan
 
 
-def plan_for(
-    inflora: object,
-    max_bytes_per_rank: int | None,
-    device: torch.device,
-    keep_results: bool = True,
-) -> CovariancePlan:
-    """The plan for an InfLoRA object on this process group, its sums accumulated on `device`."""
+def plan_for(inflora: object, max_bytes_per_rank: int | None, keep_results: bool = True) -> CovariancePlan:
+    """The plan for an InfLoRA object on this process group (its collector's dtype and bucket size)."""
     collector = inflora.collector
-    dtype = collector.dtype or default_accumulation_dtype(torch.device(device))
     return plan_covariance(
         collector.dims,
         dist.get_world_size(),
-        bytes_per_element=dtype.itemsize,
+        bytes_per_element=collector.dtype.itemsize,
         max_bytes_per_rank=max_bytes_per_rank,
         reduce=inflora.reduce,
         keep_results=keep_results,
+        bucket_bytes=collector.bucket_bytes,
     )
 
 
@@ -325,7 +339,11 @@ def collect_in_passes(
     kept: dict[str, torch.Tensor] = {}
     for p, groups in enumerate(plan.passes):
         sub = CovarianceCollector(
-            {g: collector.modules[g] for g in groups}, {g: collector.dims[g] for g in groups}, dtype=collector.dtype
+            {g: collector.modules[g] for g in groups},
+            {g: collector.dims[g] for g in groups},
+            dtype=collector.dtype,
+            gemm_dtype=collector.gemm_dtype,
+            bucket_bytes=collector.bucket_bytes,
         )
         if dist.is_main_process():
             logger.info("covariance pass %d/%d: %d group(s)", p + 1, plan.num_passes, len(groups))

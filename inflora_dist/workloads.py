@@ -78,6 +78,7 @@ class ImageClassification:
         self.model: nn.Module = ContinualClassifier(load_backbone(cfg.model), sizes, cfg.model).to(device)
         form = cfg.ca.covariance if cfg.ca.enabled else "none"  # covariances only where alignment samples them
         self.statistics: ClassStatistics | None = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
+        self.bucket_bytes = cfg.inflora.reduce_bucket_bytes  # the class sums reduce like the covariances
         self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
@@ -134,7 +135,7 @@ class ImageClassification:
 
     def finish_class_sums(self, sums: ClassSums) -> None:
         """Reduce the stage's sums over the ranks and append its classes to the statistics. Collective."""
-        sums.all_reduce_()  # collective
+        sums.all_reduce_(self.bucket_bytes)  # collective
         assert self.statistics is not None
         self.statistics.extend(sums)
         self._statistics_changed()

@@ -11,7 +11,7 @@ from tiny_models import tiny_llama
 from inflora_dist.continual import InfLoRA
 from inflora_dist.covariance import assign_owners
 from inflora_dist.inject import inject_inflora
-from inflora_dist.planner import collect_in_passes, plan_covariance, result_bytes, sum_bytes
+from inflora_dist.planner import collect_in_passes, plan_covariance, result_bytes, sum_bytes, traffic_bytes
 from inflora_dist.subspace import SubspaceMemory
 
 
@@ -37,9 +37,10 @@ def test_llama2_7b_byte_counts():
     assert local == 21_952_987_648
     assert plan.total_sum_bytes() == local
     assert plan.passes == [sorted(dims, key=lambda g: (-dims[g], g))]  # no budget: one pass, largest first
-    # All-reduce: every rank holds all fp32 sums, every float64 result, and one float64 temporary of 11008^2.
-    peak = local + 32 * (3 * 4096**2 + 11008**2) * 8 + 11008**2 * 8
-    assert peak == 66_828_370_432
+    # All-reduce: every rank holds all fp32 sums, every float64 result, one float64 temporary of 11008^2
+    # and one reduction bucket (the default 256 MiB: the pass's triangles are far larger).
+    peak = local + 32 * (3 * 4096**2 + 11008**2) * 8 + 11008**2 * 8 + 256 * 2**20
+    assert peak == 67_096_805_888
     assert plan.bytes_per_rank_per_pass == [[peak, peak]]
     assert plan.peak_bytes_per_rank == [peak, peak]
 
@@ -48,7 +49,17 @@ def test_llama2_7b_byte_counts():
     assert owner.owners == assign_owners(dims, 4)
     for r, row in enumerate(owner.bytes_per_rank_per_pass[0]):
         owned = [g for g in dims if owner.owners[g] == r]
-        assert row == local + sum(dims[g] ** 2 * 8 for g in owned) + max(dims[g] ** 2 * 8 for g in owned)
+        assert row == local + sum(dims[g] ** 2 * 8 for g in owned) + max(dims[g] ** 2 * 8 for g in owned) + 2**28
+
+    # The bucket is at most the pass's traffic (upper triangles and counts); none at world size 1.
+    small = {"a": 8, "b": 4}
+    traffic = (36 + 1 + 10 + 1) * 8
+    assert traffic_bytes(8, 8) + traffic_bytes(4, 8) == traffic
+    two = plan_covariance(small, 2, bytes_per_element=8, reduce="all_reduce")
+    one = plan_covariance(small, 1, bytes_per_element=8, reduce="all_reduce")
+    assert two.bytes_per_rank_per_pass[0][0] == one.bytes_per_rank_per_pass[0][0] + traffic
+    capped = plan_covariance(small, 2, bytes_per_element=8, reduce="all_reduce", bucket_bytes=64)
+    assert capped.bytes_per_rank_per_pass[0][0] == one.bytes_per_rank_per_pass[0][0] + 64
 
 
 def test_number_of_passes_by_hand():
@@ -88,11 +99,11 @@ def test_group_over_budget_is_an_error():
 
 def test_describe_lists_every_group_and_the_budget():
     dims = {"layers.0.qkv": 32, "layers.0.down": 48, "layers.1.qkv": 32}
-    plan = plan_covariance(dims, 2, bytes_per_element=4, max_bytes_per_rank=50_000)
+    plan = plan_covariance(dims, 2, bytes_per_element=4, max_bytes_per_rank=60_000)
     text = plan.describe()
     for g in dims:
         assert g in text
-    assert "50,000 bytes" in text and "budget" in text
+    assert "60,000 bytes" in text and "budget" in text
     assert "rank 1" in text
     assert plan.num_passes > 1
     assert "budget per rank: none" in plan_covariance(dims, 1).describe()
