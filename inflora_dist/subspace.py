@@ -9,7 +9,12 @@ Notation (per input group, d = input dimension):
 DualGPM stores whichever of M and Q is smaller, so the memory never exceeds
 d x d/2. Every decomposition runs in float64 whatever the input dtype: the
 energy ratios compare sums of squared singular values whose tail would drown in
-float32 rounding. Results come back as float64; layers cast them when written.
+float32 rounding. They run where the covariance is (the GPU under NCCL:
+cuSOLVER; the host otherwise); results come back as float64 on the host, and
+stored bases live there. The unprojected covariance (task 0) is symmetric PSD,
+so its singular pairs come from the symmetric eigensolver (eigh: same values,
+same vectors up to sign, which `_fix_signs` settles); the projected products
+(I - M M^T) C and F^T C are not symmetric and keep the SVD.
 
 The math follows `methods/inflora.py` of the reference repository
 (liangyanshuo/InfLoRA), with two documented departures:
@@ -47,7 +52,7 @@ def _top_eigenvalue(c: torch.Tensor, iters: int = 30) -> float:
     Bounded below by trace / d, which lambda_max always reaches.
     """
     d = c.shape[0]
-    v = torch.full((d,), d**-0.5, dtype=c.dtype)  # fixed start: the same estimate on every rank
+    v = torch.full((d,), d**-0.5, dtype=c.dtype, device=c.device)  # fixed start: the same estimate on every rank
     for _ in range(iters):
         w = c @ v
         norm = torch.linalg.vector_norm(w)
@@ -76,7 +81,7 @@ def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     if vectors.shape[1] == 0:
         return vectors
     idx = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1])])
+    signs = torch.sign(vectors[idx, torch.arange(vectors.shape[1], device=vectors.device)])
     signs[signs == 0] = 1.0
     return vectors * signs
 
@@ -85,7 +90,7 @@ def complement_basis(basis: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis (d, d - k) of the orthogonal complement of the columns of `basis` (d, k)."""
     d, k = basis.shape
     if k == 0:
-        return torch.eye(d, dtype=basis.dtype)
+        return torch.eye(d, dtype=basis.dtype, device=basis.device)
     q_full, _ = torch.linalg.qr(basis, mode="complete")  # (d, d); first k columns span `basis`
     return q_full[:, k:]
 
@@ -96,9 +101,21 @@ def _svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u, s
 
 
+def _symmetric_svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SVD of a symmetric matrix from its eigendecomposition (eigh, about 3x cheaper than svd).
+
+    Singular values are |eigenvalues| (a PSD covariance's rounding can make
+    the smallest slightly negative), sorted descending; the left singular
+    vectors are the eigenvectors, in that order.
+    """
+    w, v = torch.linalg.eigh(c)
+    order = torch.argsort(w.abs(), descending=True, stable=True)
+    return v[:, order], w.abs()[order]
+
+
 def _stored(basis: torch.Tensor) -> torch.Tensor:
-    """A row-major copy: LAPACK returns column-major factors, and collectives send raw memory."""
-    return basis.clone(memory_format=torch.contiguous_format)
+    """A row-major host copy: LAPACK returns column-major factors, and collectives send raw memory."""
+    return basis.to("cpu").clone(memory_format=torch.contiguous_format)
 
 
 class SubspaceMemory:
@@ -155,18 +172,20 @@ class SubspaceMemory:
         Q Q^T C that the reference takes.
         """
         if self.mode is None:
-            return _svd(c)
-        free = self.free_basis()  # (d, f)
+            return _symmetric_svd(c)
+        basis = self.basis.to(c.device)
+        free = basis if self.mode == RETAIN else complement_basis(basis)  # (d, f), on the covariance's device
         u, s = _svd(free.T @ c)  # (f, f), (f,)
         return free @ u, s
 
     def project(self, cov: torch.Tensor) -> torch.Tensor:
         """The covariance with the old subspace taken out: C, (I - M M^T) C or Q Q^T C (float64)."""
         c = self._check_cov(cov)
+        basis = self.basis.to(c.device)
         if self.mode == REMOVE:
-            return c - self.basis @ (self.basis.T @ c)
+            return c - basis @ (basis.T @ c)
         if self.mode == RETAIN:
-            return self.basis @ (self.basis.T @ c)
+            return basis @ (basis.T @ c)
         return c
 
     def down_projection(self, cov: torch.Tensor, rank: int) -> torch.Tensor:
@@ -185,7 +204,7 @@ class SubspaceMemory:
         u, s = self._projected_svd(c)
         usable = int((s[:rank] > _rank_tolerance(cov, c)).sum())
         a = torch.zeros(rank, self.dim, dtype=torch.float64)
-        a[:usable] = _fix_signs(u[:, :usable]).T * A_SCALE
+        a[:usable] = (_fix_signs(u[:, :usable]).T * A_SCALE).cpu()
         if usable < rank:
             logger.warning(
                 "only %d of rank %d directions carry energy outside the old-task subspace "
@@ -209,7 +228,7 @@ class SubspaceMemory:
             raise ValueError("cannot update the subspace memory from an all-zero covariance (no tokens seen?)")
         tol = _rank_tolerance(cov, c)
         if self.mode is None:
-            self._store_first(*_svd(c), eps_t)
+            self._store_first(*_symmetric_svd(c), eps_t)
         elif self.mode == REMOVE:
             self._grow_remove(c, total, eps_t, tol)
         else:
@@ -221,8 +240,9 @@ class SubspaceMemory:
 
     def _store_first(self, u: torch.Tensor, s: torch.Tensor, eps_t: float) -> None:
         # Eq. 5: k = #{cumsum(sigma^2) / sum(sigma^2) < eps}, at least 1.
-        ratio = torch.cumsum(s**2, 0) / (s**2).sum()
-        k = max(int((ratio < eps_t).sum()), 1)
+        energy = torch.cumsum(s**2, 0)
+        ratio = energy / energy[-1]  # the last ratio is exactly 1, whichever solver gave s
+        k = max(int((ratio < eps_t).sum()), 1)  # one host sync: k decides the stored shape
         if k < self.dim / 2:
             self.mode, self.basis = REMOVE, _stored(u[:, :k])
         else:
@@ -230,10 +250,10 @@ class SubspaceMemory:
             self.mode, self.basis = RETAIN, _stored(u[:, k:])
 
     def _grow_remove(self, c: torch.Tensor, total: float, eps_t: float, tol: float) -> None:
-        m = self.basis
+        m = self.basis.to(c.device)
         u, s = self._projected_svd(c)  # Eq. 8: projected representation
         captured = (total - float((s**2).sum())) / total  # energy the old subspace already holds
-        ratios = (s**2) / total
+        ratios = ((s**2) / total).cpu()  # read one by one below: no device sync per step
         budget = int((s > tol).sum())  # directions with energy
         r = 0
         while r < budget and captured < eps_t:  # Eq. 9
@@ -246,7 +266,7 @@ class SubspaceMemory:
     def _grow_retain(self, c: torch.Tensor, total: float, eps_t: float, tol: float) -> None:
         u, s = self._projected_svd(c)  # energy that still lies in the free space
         free_energy = float((s**2).sum()) / total
-        ratios = (s**2) / total
+        ratios = ((s**2) / total).cpu()  # read one by one below: no device sync per step
         budget = int((s > tol).sum())  # at most q
         r = 0
         while r < budget and free_energy >= 1.0 - eps_t:
@@ -262,7 +282,7 @@ class SubspaceMemory:
     def _check_cov(self, cov: torch.Tensor) -> torch.Tensor:
         if cov.shape != (self.dim, self.dim):
             raise ValueError(f"covariance must have shape ({self.dim}, {self.dim}), got {tuple(cov.shape)}")
-        c = cov.detach().to(device="cpu", dtype=torch.float64)
+        c = cov.detach().to(dtype=torch.float64)  # decomposed on its own device (see the module docstring)
         if not torch.isfinite(c).all():
             raise ValueError("covariance contains NaN or inf")
         return c
