@@ -53,7 +53,7 @@ $(SMOLLM2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
 	bash scripts/install_assets.sh $(VENV)
 	$(PY) -m inflora_dist.assets llm --out $(ASSETS)/smollm2-135m-instruct --force
 
-# slurm-wlm, munge and iproute2 from Debian for tests/cluster (real daemons, network namespaces);
+# slurm-wlm, munge, iproute2, openssh-server and pdsh from Debian for tests/cluster (real daemons, namespaces, ssh);
 # installed only when missing (root or sudo), else a warning and those tests are skipped.
 cluster-deps:
 	@bash scripts/install_cluster_deps.sh

@@ -2,7 +2,9 @@
 # Install the Debian packages the cluster tests (tests/cluster) run for real:
 #   slurm-wlm  - slurmctld, slurmd and the client commands (sbatch, srun, scontrol, ...)
 #   munge      - the authentication daemon slurm needs
-#   iproute2   - `ip netns` / veth pairs for the two-host process-group test
+#   iproute2   - `ip netns` / veth pairs for the two-host process-group tests
+#   openssh-server, pdsh - sshd in each namespace and the pdsh runner DeepSpeed's multi-node
+#                launcher uses (`deepspeed --hostfile ...`), for the hostfile test
 # Only missing packages are installed, as root or through sudo; without either the script
 # warns and exits 0: the tests that need them are then skipped with that reason.
 #
@@ -13,6 +15,9 @@ set -euo pipefail
 declare -A PROVIDES=([slurm-wlm]=/usr/sbin/slurmctld [munge]=/usr/sbin/munged [iproute2]=/usr/sbin/ip)
 # slurmd lives in its own package on Debian; slurm-wlm depends on it, but check it too.
 PROVIDES[slurmd]=/usr/sbin/slurmd
+# DeepSpeed's default multi-node runner: pdsh over ssh to an sshd on every host of the hostfile.
+PROVIDES[openssh-server]=/usr/sbin/sshd
+PROVIDES[pdsh]=/usr/bin/pdsh
 
 missing=()
 for pkg in "${!PROVIDES[@]}"; do

@@ -1,10 +1,14 @@
-"""Fixtures of the cluster tests: a real two-node SLURM cluster, the tiny task sequence, a 1-process reference run."""
+"""Fixtures of the cluster tests: a real two-node SLURM cluster, two "hosts" (network namespaces joined by a
+veth pair), the tiny task sequence, a 1-process reference run."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,60 @@ def reference(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cluster-reference") / "run"
     train(1, out, shards=shards)
     return out
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `ip args...`; raise with its stderr on failure when `check`."""
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+Hosts = list[tuple[str, str, str]]  # [(namespace, interface, address)] x 2
+
+
+@contextlib.contextmanager
+def network_namespaces(subnet: str, interfaces: tuple[str, str]) -> Iterator[Hosts]:
+    """Two namespaces joined by a veth pair, `<subnet>.1` and `<subnet>.2`; removed afterwards.
+
+    The two ends may have the same name (each lives in its own namespace), as the interfaces of a
+    cluster's nodes usually do.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed (scripts/install_cluster_deps.sh, run by make test, installs it)")
+    tag = f"{os.getpid()}-{subnet.rsplit('.', 1)[-1]}"  # unique per session and subnet
+    hosts = [(f"inflora-{tag}-{i}", interface, f"{subnet}.{i}") for i, interface in enumerate(interfaces, 1)]
+    made: list[str] = []
+    try:
+        for ns, _, _ in hosts:
+            proc = ip("netns", "add", ns, check=False)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot create a network namespace here: {proc.stderr.strip()}")
+            made.append(ns)
+        (ns1, if1, _), (ns2, if2, _) = hosts
+        # Both ends are created inside the namespaces: no interface or address appears on this host.
+        ip("link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2)
+        for ns, interface, address in hosts:
+            ip("-n", ns, "addr", "add", f"{address}/24", "dev", interface)
+            ip("-n", ns, "link", "set", interface, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield hosts
+    finally:
+        for ns in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
+            ip("netns", "del", ns, check=False)
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[Callable[[str, tuple[str, str]], Hosts]]:
+    """`make(subnet, interfaces)`: two namespaces joined by a veth pair (network_namespaces), removed after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda subnet, interfaces: stack.enter_context(network_namespaces(subnet, interfaces))
+
+
+@pytest.fixture
+def two_hosts(netns_pair) -> Hosts:
+    """10.77.0.1 (veth1) and 10.77.0.2 (veth2): [(namespace, interface, address)] x 2; removed afterwards."""
+    return netns_pair("10.77.0", ("veth1", "veth2"))

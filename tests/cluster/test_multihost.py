@@ -9,10 +9,7 @@ matrices designed from the covariance must equal a 1-host, 1-process run's.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,45 +19,6 @@ from trainer_runs import REPO, results
 from inflora_dist.dist import free_port
 
 pytestmark = pytest.mark.netns
-
-SUBNET = "10.77.0"
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `ip args...`; raise with its stderr on failure when `check`."""
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-    return proc
-
-
-@pytest.fixture
-def two_hosts() -> Iterator[list[tuple[str, str, str]]]:
-    """Two namespaces joined by a veth pair: [(namespace, interface, address)] x 2; removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed (scripts/install_cluster_deps.sh, run by make test, installs it)")
-    tag = os.getpid()
-    hosts = [(f"inflora-{tag}-{i}", f"veth{i}", f"{SUBNET}.{i}") for i in (1, 2)]
-    made: list[str] = []
-    try:
-        for ns, _, _ in hosts:
-            proc = ip("netns", "add", ns, check=False)
-            if proc.returncode != 0:
-                pytest.skip(f"cannot create a network namespace here: {proc.stderr.strip()}")
-            made.append(ns)
-        (ns1, if1, _), (ns2, if2, _) = hosts
-        # Both ends are created inside the namespaces: no interface or address appears on this host.
-        ip("link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2)
-        for ns, interface, address in hosts:
-            ip("-n", ns, "addr", "add", f"{address}/24", "dev", interface)
-            ip("-n", ns, "link", "set", interface, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-        yield hosts
-    finally:
-        for ns in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
-            ip("netns", "del", ns, check=False)
 
 
 def test_two_hosts_covariance_equals_one_host(two_hosts, shards, reference, job_env, tmp_path):
