@@ -79,6 +79,16 @@ def any_rank(flag: bool) -> bool:
     return float(all_reduce_sum_(value)) > 0
 
 
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` stacked by rank: (world, *shape). Collective (same shape on every rank)."""
+    _check_contiguous(tensor)
+    if get_world_size() == 1:
+        return tensor.unsqueeze(0).clone()
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.stack(parts)
+
+
 def reduce_sum_(tensor: torch.Tensor, dst: int) -> torch.Tensor:
     """Sum `tensor` over all ranks into rank `dst` (other ranks' copies become undefined). Collective."""
     _check_contiguous(tensor)

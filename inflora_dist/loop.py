@@ -2,6 +2,7 @@
 
 For each task t of the sequence:
 
+    every rank fingerprints config, task data, versions and frozen weights -> stop on any mismatch
     build the task's engine (trainable: B_t of every layer, and head t for classification)
     covariance pass over task t's training data (exact mode)  -> on_task_start: A_t
     train for `train.epochs` epochs                            (step checkpoints, pre-emption)
@@ -36,10 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import torch
 from tqdm import tqdm
 
-from inflora_dist import dist
+from inflora_dist import __version__, dist
+from inflora_dist.agreement import check_ranks_agree, tensors_digest
 from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer
 from inflora_dist.config import RunConfig, resume_differences, to_dict, to_yaml
 from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
@@ -118,6 +121,10 @@ class ContinualTrainer:
             accumulation_dtype=_DTYPES[cfg.inflora.accumulation_dtype],
             gemm_dtype=_DTYPES[cfg.inflora.covariance_gemm_dtype],
             bucket_bytes=cfg.inflora.reduce_bucket_bytes,
+        )
+        # The pre-trained weights the branches adapt, as loaded (before any merge): compared before every stage.
+        self.weights_digest = tensors_digest(
+            (f"{name}.{k}", t) for name, layer in report.layers.items() for k, t in layer.base_layer.named_parameters()
         )
         self.micro, self.accumulation = batch_layout(
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
@@ -266,6 +273,40 @@ class ContinualTrainer:
                 "(see the warnings); resume=never starts the run afresh"
             )
         return None
+
+    def _agreement_items(self, stage: int) -> dict[str, Any]:
+        """What must be equal on every rank before `stage`: the same names and order on every rank.
+
+        The task specs and shard index entries are compared by content, not by
+        location (the sequence's root may differ between nodes' copies).
+        """
+        import deepspeed
+        import transformers
+
+        tasks = [self.seq.tasks[t] for t in self.stages[stage]]
+        shards = {
+            t.name: {
+                "index": self.index.get("tasks", {}).get(t.name),
+                "shards": {
+                    path: self.index.get("shards", {}).get(path)
+                    for split in (t.train, t.eval)
+                    for pattern in split.shards
+                    for path in braceexpand.braceexpand(pattern)
+                },
+            }
+            for t in tasks
+        }
+        return {
+            "resolved config": to_dict(self.cfg),
+            "task spec": [asdict(t) for t in tasks],
+            "shard index entries": shards,
+            "class order": self.seq.class_ids or self.names,
+            "torch version": torch.__version__,
+            "deepspeed version": deepspeed.__version__,
+            "transformers version": transformers.__version__,
+            "inflora_dist version": __version__,
+            "frozen weights of the targeted layers": self.weights_digest,
+        }
 
     def _sequence_record(self) -> list[dict[str, Any]]:
         """What identifies the task sequence in a checkpoint: each task's name, classes and sample counts."""
@@ -539,6 +580,8 @@ class ContinualTrainer:
         cfg = self.cfg
         tasks = self.stages[stage]
         resuming = self.progress.phase == "train" and self.progress.task == stage
+        names = ", ".join(self.names[t] for t in tasks)
+        check_ranks_agree(self._agreement_items(stage), f"before stage {stage} ({names})")  # collective
         groups = self._set_trainable(stage)
         loader = self._loader(tasks, "train", "train", self.micro, self.accumulation)
         total_steps = cfg.train.epochs * len(loader) // self.accumulation
