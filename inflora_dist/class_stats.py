@@ -90,7 +90,7 @@ class ClassSums:
         `bucket_bytes` (the covariance reduction's path). Returns the number of collectives. Collective."""
         device = dist.collective_device()
         parts = [p.to(device) for p in (self.counts, self.sums, self.second)]
-        collectives = dist.sum_in_buckets_([p.reshape(-1) for p in parts], bucket_bytes)
+        collectives = dist.sum_in_buckets_([dist.Flat(p) for p in parts], bucket_bytes)
         for mine, reduced in zip((self.counts, self.sums, self.second), parts, strict=True):
             if reduced is not mine:
                 mine.copy_(reduced)

@@ -180,9 +180,8 @@ class CovarianceCollector:
         counts = torch.stack([self.counts[g].to(device) for g in self.groups])
         return sums, counts
 
-    def _triangles(self, sums: Mapping[str, torch.Tensor], groups: list[str]) -> list[torch.Tensor]:
-        # Row i of an upper triangle is the contiguous slice sum[i, i:]: packed without a copy of the triangle.
-        return [sums[g][i, i:] for g in groups for i in range(self.dims[g])]
+    def _triangles(self, sums: Mapping[str, torch.Tensor], groups: list[str]) -> list[dist.Segment]:
+        return [dist.UpperTriangle(sums[g]) for g in groups]
 
     def _check_counts(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         for g, n in zip(self.groups, counts.tolist(), strict=True):
@@ -203,7 +202,7 @@ class CovarianceCollector:
         """
         device = dist.collective_device()
         sums, counts = self._local(device)
-        collectives = dist.sum_in_buckets_([counts, *self._triangles(sums, self.groups)], self.bucket_bytes)
+        collectives = dist.sum_in_buckets_([dist.Flat(counts), *self._triangles(sums, self.groups)], self.bucket_bytes)
         self.last_reduction = {"bytes": self.reduce_bytes(), "collectives": collectives}
         totals = self._check_counts(counts)
         out = {g: mirror_(sums[g]).double().div_(totals[g]) for g in self.groups}
@@ -220,7 +219,7 @@ class CovarianceCollector:
         """
         device = dist.collective_device()
         sums, counts = self._local(device)
-        collectives = dist.sum_in_buckets_([counts], self.bucket_bytes)
+        collectives = dist.sum_in_buckets_([dist.Flat(counts)], self.bucket_bytes)
         totals = self._check_counts(counts)
         rank = dist.get_rank()
         for owner in sorted(set(owners[g] for g in self.groups)):

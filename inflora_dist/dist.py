@@ -7,6 +7,7 @@ raises instead of silently computing per-rank results.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import os
@@ -114,18 +115,105 @@ def num_buckets(numel: int, itemsize: int, bucket_bytes: int) -> int:
     return math.ceil(numel / max(1, bucket_bytes // itemsize))
 
 
-def sum_in_buckets_(segments: Sequence[torch.Tensor], bucket_bytes: int, dst: int | None = None) -> int:
-    """Sum 1-D tensors over all ranks in place, packed back to back into flat buckets. Collective.
+class UpperTriangle:
+    """The upper triangle (diagonal included) of a square matrix as one stream of d(d+1)/2 values, row by row.
 
-    The segments (contiguous 1-D, one dtype and device, e.g. views into larger
-    tensors) are copied into one buffer of at most `bucket_bytes` (a segment
-    may straddle two buckets), each full bucket is summed with one collective
-    and copied back: a stream of n elements costs ceil(n * itemsize /
-    bucket_bytes) collectives and one bucket of extra memory, and the sums are
-    elementwise the ones of reducing each segment on its own. With `dst` the
-    buckets are reduced to that rank only (the others' segments become
-    undefined). Returns the number of collectives (also at world size 1, where
-    nothing is sent or copied).
+    Read and written in place by ranges, never through a copy of the whole
+    triangle. On the host the rows' parts of a range are slices (gathered by
+    one cat, written back one copy each: cheaper than index arithmetic per
+    value); on
+    an accelerator one gather/scatter per range of at most INDEX_CHUNK values
+    (d kernel launches would cost more), with ~24 MiB of int64 index.
+    """
+
+    INDEX_CHUNK = 2**20
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"UpperTriangle needs a square matrix, got shape {tuple(matrix.shape)}")
+        _check_contiguous(matrix)
+        self.matrix = matrix
+        self.dtype, self.device = matrix.dtype, matrix.device
+        d = matrix.shape[0]
+        self._row_start = [i * d - i * (i - 1) // 2 for i in range(d)]  # stream position of row i's diagonal
+
+    def numel(self) -> int:
+        d = self.matrix.shape[0]
+        return d * (d + 1) // 2
+
+    def _rows(self, start: int, n: int) -> Iterator[tuple[int, int, int, int]]:
+        """(row, first column, length, offset in the range) of each row part of the range [start, start + n)."""
+        d, row = self.matrix.shape[0], bisect.bisect_right(self._row_start, start) - 1
+        offset = 0
+        while offset < n:
+            col = row + start + offset - self._row_start[row]
+            length = min(d - col, n - offset)
+            yield row, col, length, offset
+            offset += length
+            row += 1
+
+    def _index(self, start: int, n: int) -> torch.Tensor:
+        d = self.matrix.shape[0]
+        starts = torch.tensor(self._row_start, device=self.device)
+        position = torch.arange(start, start + n, device=self.device)
+        row = torch.searchsorted(starts, position, right=True) - 1
+        return row * d + row + (position - starts[row])
+
+    def read(self, start: int, out: torch.Tensor) -> None:
+        if self.device.type == "cpu":
+            rows = [self.matrix[row, col : col + length] for row, col, length, _ in self._rows(start, out.numel())]
+            torch.cat(rows, out=out)  # one call: cheaper than a copy per row
+            return
+        flat = self.matrix.view(-1)
+        for offset in range(0, out.numel(), self.INDEX_CHUNK):
+            part = out[offset : offset + self.INDEX_CHUNK]
+            torch.index_select(flat, 0, self._index(start + offset, part.numel()), out=part)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        if self.device.type == "cpu":
+            for row, col, length, offset in self._rows(start, values.numel()):
+                self.matrix[row, col : col + length].copy_(values[offset : offset + length])
+            return
+        flat = self.matrix.view(-1)
+        for offset in range(0, values.numel(), self.INDEX_CHUNK):
+            part = values[offset : offset + self.INDEX_CHUNK]
+            flat.index_copy_(0, self._index(start + offset, part.numel()), part)
+
+
+class Flat:
+    """A contiguous tensor as one stream of its values (the Segment protocol of `sum_in_buckets_`)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        _check_contiguous(tensor)
+        self.values = tensor.view(-1)
+        self.dtype, self.device = tensor.dtype, tensor.device
+
+    def numel(self) -> int:
+        return self.values.numel()
+
+    def read(self, start: int, out: torch.Tensor) -> None:
+        out.copy_(self.values[start : start + out.numel()])
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        self.values[start : start + values.numel()].copy_(values)
+
+
+Segment = Flat | UpperTriangle
+
+
+def sum_in_buckets_(segments: Sequence[Segment], bucket_bytes: int, dst: int | None = None) -> int:
+    """Sum streams of values over all ranks in place, packed back to back into flat buckets. Collective.
+
+    The segments (`Flat` tensors, `UpperTriangle`s of matrices; one dtype and
+    device) are copied into one buffer of at most `bucket_bytes` (a segment may
+    straddle buckets), each full bucket is summed with one collective and its
+    values written back: a stream of n values costs ceil(n * itemsize /
+    bucket_bytes) collectives and one bucket of extra memory (plus, for a
+    triangle, the int64 index of the range being copied), and the sums are
+    elementwise those of reducing each value on its own. With `dst` the buckets
+    are reduced to that rank only (the others' values become undefined).
+    Returns the number of collectives (also at world size 1, where nothing is
+    sent or copied).
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
@@ -134,16 +222,15 @@ def sum_in_buckets_(segments: Sequence[torch.Tensor], bucket_bytes: int, dst: in
         return 0
     dtype, device = segments[0].dtype, segments[0].device
     for s in segments:
-        _check_contiguous(s)
-        if s.ndim != 1 or s.dtype != dtype or s.device != device:
-            raise ValueError(f"segments must be 1-D {dtype} on {device}, got {s.dtype} {tuple(s.shape)} on {s.device}")
+        if s.dtype != dtype or s.device != device:
+            raise ValueError(f"segments must all be {dtype} on {device}, got {s.dtype} on {s.device}")
     total = sum(s.numel() for s in segments)
     count = num_buckets(total, dtype.itemsize, bucket_bytes)
     if get_world_size() == 1:
         return count
     cap = max(1, bucket_bytes // dtype.itemsize)
     bucket = torch.empty(min(cap, total), dtype=dtype, device=device)
-    placed: list[tuple[torch.Tensor, int]] = []  # (segment slice, offset in the bucket)
+    placed: list[tuple[Segment, int, int, int]] = []  # (segment, start in it, length, offset in the bucket)
     fill = 0
 
     def flush() -> None:
@@ -153,8 +240,8 @@ def sum_in_buckets_(segments: Sequence[torch.Tensor], bucket_bytes: int, dst: in
         else:
             reduce_sum_(bucket[:fill], dst)
         if dst is None or get_rank() == dst:
-            for part, offset in placed:
-                part.copy_(bucket[offset : offset + part.numel()])
+            for segment, start, n, offset in placed:
+                segment.write(start, bucket[offset : offset + n])
         placed.clear()
         fill = 0
 
@@ -162,9 +249,8 @@ def sum_in_buckets_(segments: Sequence[torch.Tensor], bucket_bytes: int, dst: in
         start = 0
         while start < s.numel():
             n = min(s.numel() - start, cap - fill)
-            part = s[start : start + n]
-            bucket[fill : fill + n].copy_(part)
-            placed.append((part, fill))
+            s.read(start, bucket[fill : fill + n])
+            placed.append((s, start, n, fill))
             fill += n
             start += n
             if fill == cap:

@@ -30,7 +30,8 @@ returns, a rank holds
     `on_pass`), the reduced covariances it kept from earlier passes;
   * with more than one rank, one reduction bucket: min(bucket_bytes, the
     pass's traffic), the traffic being the upper triangles and counts,
-    (d(d+1)/2 + 1) * b per group (`dist.sum_in_buckets_`).
+    (d(d+1)/2 + 1) * b per group (`dist.sum_in_buckets_`; not counted: its
+    index temporaries of at most 2^20 int64 values, 24 MiB).
 
 With float64 sums the reduced covariance is the local sum's own memory,
 mirrored and divided in place, so counting both is an upper bound that also

@@ -230,7 +230,7 @@ def bucketed_reductions(rank: int, world_size: int) -> dict:
     groups = sorted(out["reference"])
     # The packer itself: odd sizes, a cap of 3 float64 values, every segment reduced to rank 1.
     parts = [torch.arange(n, dtype=torch.float64) * (rank + 1) for n in (5, 1, 7, 2)]
-    out["packed_count"] = dist.sum_in_buckets_(parts, 24, dst=min(1, world_size - 1))
+    out["packed_count"] = dist.sum_in_buckets_([dist.Flat(p) for p in parts], 24, dst=min(1, world_size - 1))
     out["packed"] = parts
     out["groups"] = groups
     return out

@@ -9,6 +9,7 @@ import importlib
 COMMANDS: dict[str, str] = {
     "step": "inflora_dist.bench.step",
     "cl": "inflora_dist.bench.cl",
+    "scale": "inflora_dist.bench.scale",
 }
 
 
