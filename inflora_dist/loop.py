@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -59,6 +60,22 @@ from inflora_dist.runlock import RunDirectoryLocked, RunLock
 from inflora_dist.workloads import build_workload
 
 logger = logging.getLogger(__name__)
+
+
+def memory_mb_per_rank() -> tuple[list[float], list[float]]:
+    """(resident MB now, peak resident MB so far) of every rank's process, by rank. Collective (one all-gather).
+
+    Host memory (Linux /proc and getrusage): what a CPU run holds; on GPUs see
+    torch.cuda.max_memory_allocated.
+    """
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        resident = 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    table = dist.all_gather(torch.tensor([resident, peak], dtype=torch.float64, device=dist.collective_device()))
+    return table[:, 0].tolist(), table[:, 1].tolist()
+
 
 #: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
@@ -528,7 +545,9 @@ class ContinualTrainer:
             start_random_branches(self.inflora.report, stage, self.cfg.seed)
             return 0.0
         covs, seconds, _ = self._covariance_pass(engine, stage)
+        start = time.perf_counter()
         self.inflora.on_task_start(stage, covs)  # collective
+        self.phase_seconds.update(design_pass_s=seconds, subspace_design_s=time.perf_counter() - start)
         return seconds
 
     def _fold_branches(self, engine: Any, stage: int, sums: Any) -> tuple[float, float]:
@@ -546,7 +565,9 @@ class ContinualTrainer:
                 finish_branches(self.inflora.report)
             return 0.0, time.perf_counter() - start
         covs, seconds, summing = self._covariance_pass(engine, stage, sums)
+        start = time.perf_counter()
         self.inflora.on_task_end(stage, covs)  # collective; folds B A
+        self.phase_seconds.update(update_pass_s=seconds, subspace_update_s=time.perf_counter() - start)
         return seconds, summing
 
     def _after_training(self, engine: Any, stage: int) -> tuple[float, dict[str, float]]:
@@ -582,6 +603,8 @@ class ContinualTrainer:
         resuming = self.progress.phase == "train" and self.progress.task == stage
         names = ", ".join(self.names[t] for t in tasks)
         check_ranks_agree(self._agreement_items(stage), f"before stage {stage} ({names})")  # collective
+        # Seconds of the stage's passes (with their reductions) and of the subspace math, for the timings.
+        self.phase_seconds: dict[str, float] = {}
         groups = self._set_trainable(stage)
         loader = self._loader(tasks, "train", "train", self.micro, self.accumulation)
         total_steps = cfg.train.epochs * len(loader) // self.accumulation
@@ -601,9 +624,13 @@ class ContinualTrainer:
             if cfg.method != "simple_cil" and not self._fit(engine, stage, loader):
                 return False
             train_seconds = time.perf_counter() - start
+            training_memory = memory_mb_per_rank()  # collective: the engine's partitioned state is resident now
             logger.info("stage %d: folding the branch", stage)
             seconds, timing = self._after_training(engine, stage)
-            self.timings.append({"train_s": train_seconds, **timing})
+            self.timings.append(
+                {"train_s": train_seconds, **self.phase_seconds, **timing, "rss_mb_per_rank": training_memory[0],
+                 "peak_rss_mb_per_rank": memory_mb_per_rank()[1]}
+            )  # fmt: skip
             rows = self._evaluate(engine, tasks[-1])
             if cfg.method == "joint":
                 self.joint = dict(zip(self.workload.matrices, rows, strict=True))

@@ -10,6 +10,7 @@ COMMANDS: dict[str, str] = {
     "step": "inflora_dist.bench.step",
     "cl": "inflora_dist.bench.cl",
     "scale": "inflora_dist.bench.scale",
+    "large": "inflora_dist.bench.large",
 }
 
 

@@ -20,8 +20,8 @@ reductions, two decompositions per input group) as a share of the task's
 training time for ViT-B/16 on ImageNet-R and LLaMA-2-7B on O-LoRA's long
 benchmark on --nodes x --gpus-per-node GPUs, from assumed device figures that
 are flags (dense bf16 TFLOPS and MFU, NCCL bus bandwidth, float64 decomposition
-rate). docs/scaling.md explains the model. --large adds the billion-parameter
-run (bench/large.py).
+rate). docs/scaling.md explains the model. The billion-parameter run is its
+own command, `bench large`.
 
 With 2 cores here, worlds 3 and 4 oversubscribe the CPU: their seconds show
 contention, not scaling; their bytes and collectives are exact.
@@ -80,7 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bus-gbps", type=float, default=100.0, help="NCCL all-reduce bus bandwidth, GB/s")
     p.add_argument("--decomp-tflops", type=float, default=5.0, help="effective float64 eigh/svd rate per GPU")
     p.add_argument("--llm-tokens", type=int, default=256, help="mean tokens per O-LoRA long record (assumed)")
-    p.add_argument("--large", action="store_true", help="also run the ~1.1B-parameter model (bench/large.py)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
@@ -282,10 +281,6 @@ def run(args: argparse.Namespace) -> dict:
     figures["collectives_per_pass"] = widest["bucketed_collectives"]
     figures["collectives_expected"] = math.ceil(widest["bucketed_reduce_bytes"] / (args.bucket_mib * 2**20))
     figures["collectives_before"] = widest["full_collectives"]
-    if args.large:
-        from inflora_dist.bench.large import run_large
-
-        figures["large"] = run_large()
     report(figures)
     if args.json:
         print(json.dumps(figures), flush=True)
@@ -328,7 +323,3 @@ def report(f: dict[str, Any]) -> None:
             f"{r['reduce_s']:.2f} s ({r['reduce_bytes_per_pass'] / 1e9:.3f} GB/pass), decompositions "
             f"{r['decompositions_s']:.2f} s -> overhead {100 * r['overhead_share']:.1f}% of training"
         )
-    if "large" in f:
-        from inflora_dist.bench.large import report as report_large
-
-        report_large(f["large"])

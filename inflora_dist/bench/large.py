@@ -1,0 +1,157 @@
+"""A billion-parameter run on this machine: `python -m inflora_dist.bench large [--worlds 1 2] [--json]`.
+
+configs/scale/tinyllama_1b.yaml (a TinyLlama-shaped causal LM of about 1.1B
+parameters built from a config in bf16, fp32 adapters on q/k/v/o/gate/up/down,
+ZeRO-3, owner-mode reduction, the covariance planner) learns 2 small
+instruction tasks that this command writes (16 records each: arithmetic
+answers and reversed words), a few optimizer steps per task, as a real
+`launch/train.py` run at each world size (torchrun for 2). It records, from
+each run's metrics.json: every rank's resident memory after training (ZeRO-3's
+partitioned state) and its peak, the seconds of each phase (covariance passes
+with their reduction, subspace design and update, training, evaluation), the
+covariance plan and its bytes, and the float64 decomposition times at d = 2048
+and 5632 (this process, on the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from inflora_dist.data.build_shards import main as build_shards
+from inflora_dist.dist import DEFAULT_BUCKET_BYTES, free_port
+from inflora_dist.planner import plan_covariance
+
+SUMMARY = "a ~1.1B-parameter causal LM through 2 tasks under ZeRO-3 at world 1 and 2: memory and phases"
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "scale" / "tinyllama_1b.yaml"
+PHASES = ("design_pass_s", "subspace_design_s", "train_s", "update_pass_s", "subspace_update_s")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--records", type=int, default=16, help="records per task (a quarter are held out)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--keep", type=Path, default=None, help="keep the runs in this directory (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+
+
+def write_tasks(root: Path, records: int) -> Path:
+    """Two JSONL tasks and their shards under `root`; returns the tasks.yaml path."""
+    words = ["cat", "lamp", "river", "stone", "glass", "cloud", "paper", "tiger", "plant", "music", "honey", "chair"]
+    tasks = {
+        "sums": [{"prompt": f"What is {a} + {a + 3}?", "response": str(2 * a + 3)} for a in range(records)],
+        "reverse": [{"prompt": f"Reverse the word: {w}{i}", "response": f"{i}{w[::-1]}"} for i, w in
+                    zip(range(records), words * (records // len(words) + 1), strict=False)],
+    }  # fmt: skip
+    files = []
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in tasks.items():
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(str(path))
+    build_shards(["jsonl", *files, "--out", str(root / "shards"), "--eval-fraction", "0.25", "--quiet"])
+    return root / "shards" / "tasks.yaml"
+
+
+def _command(world: int, config: Path, overrides: list[str]) -> list[str]:
+    script = [str(REPO / "launch" / "train.py"), "--config", str(config), *overrides]
+    if world == 1:
+        return [sys.executable, *script]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc_per_node", str(world), "--master_port", str(free_port()), *script]
+
+
+def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int) -> dict[str, Any]:
+    """One real training run; its phases and per-rank memory from metrics.json, and its wall time."""
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled"}
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+    args = _command(world, config, [f"output_dir={out}", f"data.tasks={tasks}", "resume=never"])
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"world": world, "wall_s": wall, "timings": metrics["timings"], "avg_acc": metrics.get("avg_acc")}
+
+
+def model_parameters(config: Path) -> int:
+    """Parameters of the config's model, counted on the meta device (nothing allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(OmegaConf.to_container(OmegaConf.load(config).model.config))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    return sum(p.numel() for p in model.parameters())
+
+
+def group_dims(config: Path) -> dict[str, int]:
+    """The input groups of the adapted blocks (q/k/v, o, gate/up share nothing else; down reads the MLP)."""
+    cfg = OmegaConf.load(config)  # the data does not exist yet: read the YAML, not a validated RunConfig
+    hidden, mlp = cfg.model.config["hidden_size"], cfg.model.config["intermediate_size"]
+    layers = cfg.inflora.layers_to_transform or range(cfg.model.config["num_hidden_layers"])
+    dims = {}
+    for i in layers:
+        dims.update({f"{i}.qkv": hidden, f"{i}.o": hidden, f"{i}.gate_up": hidden, f"{i}.down": mlp})
+    return dims
+
+
+def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: int = 16, timeout: int = 3600,
+              keep: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the config at each world size; return the figures (see the module docstring)."""
+    from inflora_dist.bench.scale import time_decompositions
+
+    worlds = worlds or [1, 2]
+    cfg = OmegaConf.load(config)
+    dims = group_dims(config)
+    figures: dict[str, Any] = {"parameters": model_parameters(config), "groups": dims}
+    figures["plans"] = {}
+    for w in worlds:
+        plan = plan_covariance(
+            dims, w, bytes_per_element=8, max_bytes_per_rank=cfg.inflora.covariance_max_bytes_per_rank,
+            reduce=cfg.inflora.reduce, bucket_bytes=cfg.inflora.get("reduce_bucket_bytes", DEFAULT_BUCKET_BYTES),
+        )  # fmt: skip
+        figures["plans"][w] = {"passes": plan.passes, "peak_bytes_per_rank": plan.peak_bytes_per_rank,
+                               "sum_bytes": plan.total_sum_bytes(), "describe": plan.describe()}  # fmt: skip
+    figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="inflora-large-") as tmp:
+        root = (keep or Path(tmp)).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        tasks = write_tasks(root / "data", records)
+        figures["runs"] = [run_world(w, config, tasks, root / f"world{w}", timeout) for w in worlds]
+    return figures
+
+
+def report(f: dict[str, Any]) -> None:
+    print(f"\nlarge model: {f['parameters'] / 1e9:.3f}B parameters, {len(f['groups'])} input groups")
+    for w, plan in f["plans"].items():
+        print(f"covariance plan at world {w}:\n{plan['describe']}")
+    for r in f["decompositions"]:
+        print(f"  decomposition d={r['d']}: eigh {r['eigh_s']:.2f} s, svd {r['svd_s']:.2f} s (float64, host)")
+    for run in f["runs"]:
+        print(f"world {run['world']}: {run['wall_s']:.0f} s in all")
+        for t, timing in enumerate(run["timings"]):
+            phases = ", ".join(f"{k.removesuffix('_s')} {timing.get(k, 0.0):.1f}" for k in PHASES)
+            rss = ", ".join(f"{x / 1024:.2f}" for x in timing["rss_mb_per_rank"])
+            peak = ", ".join(f"{x / 1024:.2f}" for x in timing["peak_rss_mb_per_rank"])
+            print(f"  task {t}: {phases} s; resident GiB per rank after training {rss}; peak {peak}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    figures = run_large(args.worlds, args.config, args.records, args.timeout, args.keep)
+    report(figures)
+    if args.json:
+        print(json.dumps(figures, default=str), flush=True)
+    return figures

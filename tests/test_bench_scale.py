@@ -1,0 +1,49 @@
+"""`python -m inflora_dist.bench scale` end to end on a tiny ViT (real gloo processes), and its projection model.
+
+No assertion on the seconds: timings on a shared test machine are not a test. Bytes and collectives are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from inflora_dist.bench.__main__ import main
+from inflora_dist.bench.scale import FLOPS_PER_D3, project
+
+TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--batches", "1"]
+
+
+def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
+    figures = main(["scale", *TINY, "--worlds", "1", "2", "--dims", "32", "64", "--bucket-mib", "0.01",
+                    "--precision-batches", "40", "--json"])  # fmt: skip
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(json.dumps(figures))
+    assert [r["world"] for r in printed["worlds"]] == [1, 2]
+    d = 64  # one k/v group of d = 64: its triangle and count against the full matrix and count
+    for r in printed["worlds"]:
+        assert r["full_reduce_bytes"] == (d * d + 1) * 8 and r["full_collectives"] == 2
+        assert r["bucketed_reduce_bytes"] == (d * (d + 1) // 2 + 1) * 8
+        assert r["bucketed_collectives"] == math.ceil(r["bucketed_reduce_bytes"] / (0.01 * 2**20))
+    assert printed["reduce_bytes_ratio"] < 0.51
+    assert printed["collectives_per_pass"] == printed["collectives_expected"] == 2
+    assert [r["d"] for r in printed["decompositions"]] == [32, 64]
+    assert printed["precision"]["fp32_gemm_fp64_sum"] < printed["precision"]["fp32_all"]
+    assert {p["workload"].split(",")[0] for p in printed["projection"]} == {"ViT-B/16", "LLaMA-2-7B"}
+
+
+def test_projection_by_hand():
+    """Two GPUs, one group of d = 100: every term of the model computed by hand."""
+    args = argparse.Namespace(nodes=1, gpus_per_node=2, tflops=100.0, mfu=0.5, bus_gbps=10.0, decomp_tflops=1.0)
+    workload = {"name": "toy", "params": 1e9, "samples_per_task": 1000, "tokens_per_sample": 10, "epochs": 3,
+                "dims": {"g": 100}}  # fmt: skip
+    p = project(workload, args)
+    rate = 2 * 100e12 * 0.5
+    assert math.isclose(p["train_s"], 3 * 1e4 * 4e9 / rate)
+    assert math.isclose(p["passes_s"], 2 * 1e4 * (2e9 + 2 * 100**2) / rate)
+    assert p["reduce_bytes_per_pass"] == (5050 + 1) * 8
+    assert math.isclose(p["reduce_s"], 2 * 5051 * 8 * 0.5 / 10e9)
+    assert math.isclose(p["decompositions_s"], 2 * FLOPS_PER_D3["svd"] * 100**3 / 1e12)
+    overhead = p["passes_s"] + p["reduce_s"] + p["decompositions_s"]
+    assert math.isclose(p["overhead_share"], overhead / p["train_s"])
