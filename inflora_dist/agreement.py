@@ -46,7 +46,7 @@ def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     for name, t in tensors:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
 
 

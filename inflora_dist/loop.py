@@ -140,9 +140,11 @@ class ContinualTrainer:
             bucket_bytes=cfg.inflora.reduce_bucket_bytes,
         )
         # The pre-trained weights the branches adapt, as loaded (before any merge): compared before every stage.
+        start = time.perf_counter()
         self.weights_digest = tensors_digest(
             (f"{name}.{k}", t) for name, layer in report.layers.items() for k, t in layer.base_layer.named_parameters()
         )
+        logger.info("frozen weights of the targeted layers hashed in %.1f s", time.perf_counter() - start)
         self.micro, self.accumulation = batch_layout(
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
         )

@@ -267,3 +267,28 @@ def test_float32_gemm_with_float64_sum_keeps_massive_activations_exact():
     errors = projector_errors(dim=48, batches=400, tokens=512, rank=8, seed=0)
     assert errors["fp32_gemm_fp64_sum"] <= 1e-6, errors
     assert errors["fp32_all"] > 10 * max(errors["fp32_gemm_fp64_sum"], 1e-9), errors
+
+
+def test_upper_triangle_streams_by_ranges_on_both_paths():
+    """Ranges of the triangle stream straddling rows: the host path (row slices) reads and writes exactly the
+    row-major upper triangle; the accelerator path's index (run here on the CPU) names the same entries."""
+    from inflora_dist.dist import UpperTriangle
+
+    d = 9
+    m = torch.arange(d * d, dtype=torch.float64).reshape(d, d)
+    rows, cols = torch.triu_indices(d, d)
+    expected = m[rows, cols]
+    tri = UpperTriangle(m)
+    assert tri.numel() == d * (d + 1) // 2 == expected.numel()
+    for step in (1, 4, 7, 45):
+        got = torch.cat([torch.empty(min(step, tri.numel() - s), dtype=torch.float64) for s in
+                         range(0, tri.numel(), step)])  # fmt: skip
+        for s in range(0, tri.numel(), step):
+            tri.read(s, got[s : s + step])
+            assert torch.equal(tri._index(s, min(step, tri.numel() - s)), (rows * d + cols)[s : s + step])
+        assert torch.equal(got, expected)
+        target = torch.zeros(d, d, dtype=torch.float64)
+        back = UpperTriangle(target)
+        for s in range(0, tri.numel(), step):
+            back.write(s, expected[s : s + step])
+        assert torch.equal(target, m.triu())

@@ -77,6 +77,7 @@ def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int) ->
     """One real training run; its phases and per-rank memory from metrics.json, and its wall time."""
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled"}
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's built CPU ops
     args = _command(world, config, [f"output_dir={out}", f"data.tasks={tasks}", "resume=never"])
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
