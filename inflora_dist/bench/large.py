@@ -78,6 +78,9 @@ def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int) ->
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled"}
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's built CPU ops
+    # glibc otherwise raises its mmap threshold to 32 MB after the first large frees and keeps freed weight
+    # copies in the heap: the resident figure would show the allocator, not ZeRO-3 (docs/scaling.md).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
     args = _command(world, config, [f"output_dir={out}", f"data.tasks={tasks}", "resume=never"])
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
