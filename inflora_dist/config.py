@@ -188,6 +188,14 @@ class WandbConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What a finished run writes besides the continual state, class statistics and PEFT adapter."""
+
+    merged_model: bool = False  # <output_dir>/model: plain transformers weights, adapters merged (+ heads, vision)
+    max_shard_size: str = "2GB"  # safetensors shard size of the merged model
+
+
+@dataclass
 class RunConfig:
     """Everything one continual-learning run needs; keys follow the module that reads them."""
 
@@ -203,6 +211,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 _CHOICES = {

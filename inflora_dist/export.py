@@ -14,6 +14,10 @@ Three exports:
 
 * `export_class_statistics` writes the seen classes' means and covariances
   (classification runs), the state of prototype prediction and classifier alignment.
+* `export_merged_model` writes the adapted model as a plain transformers
+  checkpoint, every branch merged into the weights (W + sum_t B_t A_t, in W's
+  dtype): `AutoModel*.from_pretrained` loads it with no inflora_dist installed;
+  for vision, `export_classifier_heads` writes the heads and the class map beside it.
 
 No function imports peft: the adapter files are written directly, in the
 layout PEFT's `save_pretrained` produces (checked against peft 0.21 in the tests).
@@ -50,6 +54,12 @@ CONTINUAL_STATE_VERSION = 1
 #: Format tag and version of the class-statistics sidecar.
 CLASS_STATISTICS_FORMAT = "inflora_dist.class_statistics"
 CLASS_STATISTICS_VERSION = 1
+
+#: Format tag, version and file names of the heads written beside a merged vision backbone.
+CLASSIFIER_FORMAT = "inflora_dist.classifier"
+CLASSIFIER_VERSION = 1
+HEADS_NAME = "heads.safetensors"
+CLASSES_NAME = "classes.json"
 
 #: File names of a PEFT adapter directory.
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -299,5 +309,119 @@ def export_class_statistics(
             "class_ids": list(class_ids[:seen]),
             "task_offsets": [o for o in offsets if o <= seen],
             "task_names": list(task_names[: sum(1 for o in offsets[1:] if o <= seen)]),
+        },
+    )
+
+
+# ---------------------------------------------------------------------- merged model
+def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state of the modules under `prefix` in their original (unwrapped) names, every branch merged.
+
+    Each wrapped layer's weight becomes W + sum of B_t A_t over its started but
+    unmerged tasks (merged ones are already in W), computed in float32 and cast
+    to W's dtype; everything else is copied as it is. Names lose `prefix` (e.g.
+    "backbone." for a vision classifier). Under ZeRO-3 each module's parameters
+    are gathered in turn (collective: call it on every rank); the copies are on
+    the host.
+    """
+    inside = tuple(f"{name}." for name in report.layers)
+    state: dict[str, torch.Tensor] = {}
+
+    def key(name: str) -> str:
+        return name[len(prefix) :]
+
+    for name, module in model.named_modules():
+        if not name.startswith(prefix) or name.startswith(inside) or isinstance(module, InfLoRALinear):
+            continue
+        own = dict(module.named_parameters(recurse=False))
+        with dist.gathered_params(own.values()):  # collective under ZeRO-3
+            for n, p in own.items():
+                state[key(f"{name}.{n}" if name else n)] = _tensor_out(p)
+        for n, b in module.named_buffers(recurse=False):
+            if n not in module._non_persistent_buffers_set:
+                state[key(f"{name}.{n}" if name else n)] = _tensor_out(b)
+    for name, layer in report.layers.items():
+        if not name.startswith(prefix):
+            continue
+        base = layer.base_layer
+        live = [t for t in _started_tasks(layer) if layer.status(t) in (TRAINING, FROZEN)]
+        params = [*base.parameters(), *(layer.lora_B(t) for t in live)]
+        with dist.gathered_params(params):  # collective under ZeRO-3
+            weight = base.weight.detach().float()
+            for t in live:
+                delta = layer.delta_weight(t)
+                weight = weight + (delta.T if layer.fan_in_fan_out else delta)
+            state[key(f"{name}.weight")] = _tensor_out(weight, base.weight.dtype)
+            if base.bias is not None:
+                state[key(f"{name}.bias")] = _tensor_out(base.bias)
+    return state
+
+
+def export_merged_model(
+    model: nn.Module,
+    report: InjectionReport,
+    directory: str | Path,
+    prefix: str = "",
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write a plain transformers checkpoint of the adapted model, branches merged, to `directory`.
+
+    `model` is the injected transformers model, or a module holding it under
+    `prefix` (the vision classifier's "backbone."): that submodule's
+    `save_pretrained` writes config.json and sharded safetensors, so
+    `AutoModel*.from_pretrained(directory)` loads it with no inflora_dist
+    installed. Collective under ZeRO-3 (the parameters are gathered); only the
+    main process writes.
+    """
+    target = model.get_submodule(prefix.rstrip(".")) if prefix else model
+    if not hasattr(target, "save_pretrained"):
+        raise TypeError(f"{type(target).__name__} is not a transformers model (no save_pretrained)")
+    state = merged_state_dict(model, report, prefix)
+    directory = Path(directory)
+    if dist.is_main_process():
+        directory.mkdir(parents=True, exist_ok=True)
+        target.save_pretrained(directory, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+    return directory
+
+
+def export_classifier_heads(
+    heads: Sequence[nn.Module],
+    directory: str | Path,
+    class_ids: Sequence[int],
+    offsets: Sequence[int],
+    task_names: Sequence[str],
+    preprocess: dict[str, Any],
+) -> None:
+    """Write `heads.safetensors` (head t's `t.weight` / `t.bias`, float32) and `classes.json` beside a merged
+    backbone: what a plain transformers user needs to classify with it.
+
+    classes.json holds the logit position -> class id map, each task's logit
+    range, the heads' cosine scale, the preprocessing and how the features are
+    read (the backbone's `last_hidden_state[:, 0]`). Class-incremental
+    prediction is the argmax over all heads' concatenated logits. Collective
+    under ZeRO-3 (the heads are gathered); only the main process writes.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for t, head in enumerate(heads):
+        with dist.gathered_params(head.parameters()):  # collective under ZeRO-3
+            for n, p in head.named_parameters():
+                tensors[f"{t}.{n}"] = _tensor_out(p, torch.float32)
+    if not dist.is_main_process():
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / HEADS_NAME), metadata={"format": CLASSIFIER_FORMAT})
+    _write_json(
+        directory / CLASSES_NAME,
+        {
+            "format": CLASSIFIER_FORMAT,
+            "version": CLASSIFIER_VERSION,
+            "features": "last_hidden_state[:, 0]",
+            "cosine_scale": float(getattr(heads[0], "cosine_scale", 0.0)) if heads else 0.0,
+            "preprocess": dict(preprocess),
+            "class_ids": [int(c) for c in class_ids],
+            "tasks": [
+                {"name": name, "logits": [int(offsets[t]), int(offsets[t + 1])]} for t, name in enumerate(task_names)
+            ],
         },
     )

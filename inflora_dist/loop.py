@@ -705,9 +705,10 @@ class ContinualTrainer:
                 self.lock.release()
 
     def _export(self) -> None:
-        """continual_state and class_statistics (.safetensors + .json), the PEFT adapter.
+        """continual_state and class_statistics (.safetensors + .json), the PEFT adapter, and with
+        export.merged_model a plain transformers model (model/).
 
-        Collective under ZeRO-3 (B is gathered).
+        Collective under ZeRO-3 (B, and for the merged model every parameter, is gathered).
         """
         if dist.is_main_process():
             stage_names = ["+".join(self.names[t] for t in tasks) for tasks in self.stages]
@@ -725,4 +726,6 @@ class ContinualTrainer:
                 self.cfg.model.pretrained,
                 task_type=self.workload.peft_task_type,
             )
+        if self.cfg.export.merged_model:
+            self.workload.export_model(self.inflora.report, self.out / "model", self.cfg.export.max_shard_size)
         dist.barrier()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ from inflora_dist.class_stats import ClassStatistics, ClassSums, nearest_mean
 from inflora_dist.config import CAConfig, RunConfig
 from inflora_dist.data import TaskSequenceConfig
 from inflora_dist.data.text import IGNORE, SCORERS, collate_examples, collate_prompts, response_loss
+from inflora_dist.export import export_classifier_heads, export_merged_model
+from inflora_dist.inject import InjectionReport
 from inflora_dist.models import ContinualClassifier, TaskHead, load_backbone, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,9 @@ class ImageClassification:
         form = cfg.ca.covariance if cfg.ca.enabled else "none"  # covariances only where alignment samples them
         self.statistics: ClassStatistics | None = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
         self.bucket_bytes = cfg.inflora.reduce_bucket_bytes  # the class sums reduce like the covariances
+        self.task_names = [t.name for t in seq.tasks]
+        self.preprocess = {"image_size": cfg.model.image_size, "channels": cfg.model.channels,
+                           "mean": list(cfg.model.mean), "std": list(cfg.model.std)}  # fmt: skip
         self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
@@ -122,6 +128,14 @@ class ImageClassification:
 
     def finish(self, sums: torch.Tensor) -> list[float]:
         return [100.0 * float(sums[k] / sums[3]) for k in range(3)]
+
+    def export_model(self, report: InjectionReport, directory: Path, max_shard_size: str) -> None:
+        """The merged backbone (plain transformers), its heads and class map, in `directory`. Collective under
+        ZeRO-3."""
+        export_merged_model(self.model, report, directory, prefix="backbone.", max_shard_size=max_shard_size)
+        export_classifier_heads(
+            self.model.heads, directory, self.class_ids, self.offsets, self.task_names, self.preprocess
+        )
 
     # ------------------------------------------------------------ class statistics and alignment
     def class_sums(self, tasks: Sequence[int]) -> ClassSums:
@@ -205,6 +219,13 @@ class InstructionTuning:
         # Generation under ZeRO-3 with several ranks: every rank runs forwards until all are done.
         self.synced = cfg.deepspeed.zero_stage == 3 and dist.get_world_size() > 1
         self.new_tokens = [self._new_tokens(t, cfg.model.max_new_tokens) for t in range(len(seq.tasks))]
+
+    def export_model(self, report: InjectionReport, directory: Path, max_shard_size: str) -> None:
+        """The merged causal LM and its tokenizer in `directory`: a checkpoint for any serving stack. Collective
+        under ZeRO-3."""
+        export_merged_model(self.model, report, directory, max_shard_size=max_shard_size)
+        if dist.is_main_process():
+            self.tokenizer.save_pretrained(directory)
 
     def _new_tokens(self, task: int, limit: int) -> int:
         """Tokens to generate for `task`: the longest label word and a little slack (exact match), else `limit`."""

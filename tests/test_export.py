@@ -16,7 +16,9 @@ from inflora_dist.continual import InfLoRA
 from inflora_dist.export import (
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
+    export_classifier_heads,
     export_continual_state,
+    export_merged_model,
     export_peft_adapter,
     sidecar_path,
 )
@@ -254,3 +256,60 @@ def test_continual_state_defaults_and_errors(tmp_path):
     tensors = load_file(str(tmp_path / "empty.safetensors"))
     expected = {f"model.layers.{i}.self_attn.q_proj.old_basis": (32, 0) for i in range(2)}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+
+
+@pytest.mark.parametrize("fold", ["merge", "stack"])
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_merged_export_loads_in_plain_transformers(tmp_path, family, fold):
+    """W + sum B_t A_t written as a transformers checkpoint: `from_pretrained` alone computes our outputs."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    build, targets = CASES[family]
+    model = build()
+    report = inject_inflora(model, targets, rank=RANK, num_tasks=4, fold=fold)
+    g = torch.Generator().manual_seed(5)
+    fake_task(report, 0, g)
+    fake_task(report, 1, g)
+    fake_task(report, 2, g, finish=False)  # mid-task: the active branch is part of the model too
+    expected = run(model)
+    export_merged_model(model, report, tmp_path / "model")
+    names = set(load_file(str(tmp_path / "model" / "model.safetensors")))
+    assert not any("lora" in n or "base_layer" in n or "task_status" in n for n in names)
+    auto = AutoModel if family == "vit" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(str(tmp_path / "model")).eval()
+    torch.testing.assert_close(run(loaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_vision_export_reproduces_class_incremental_predictions(tmp_path):
+    """Backbone (plain AutoModel) + heads.safetensors + classes.json give the classifier's predictions exactly."""
+    from transformers import AutoModel
+
+    from inflora_dist.config import ModelConfig
+    from inflora_dist.models import ContinualClassifier
+
+    cfg = ModelConfig(image_size=16, channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+    model = ContinualClassifier(tiny_vit(), [2, 3], cfg).eval()
+    report = inject_inflora(model, ["q_proj", "k_proj", "v_proj"], rank=RANK, num_tasks=2)
+    g = torch.Generator().manual_seed(2)
+    fake_task(report, 0, g)
+    fake_task(report, 1, g)
+    images = torch.randint(0, 256, (12, 20, 20, 3), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        expected = model(images, upto=1).argmax(dim=1)
+    out = tmp_path / "model"
+    export_merged_model(model, report, out, prefix="backbone.")
+    preprocess = {"image_size": 16, "channels": 3, "mean": cfg.mean, "std": cfg.std}
+    export_classifier_heads(model.heads, out, [7, 3, 9, 1, 4], [0, 2, 5], ["t0", "t1"], preprocess)
+
+    backbone = AutoModel.from_pretrained(str(out)).eval()
+    heads = load_file(str(out / "heads.safetensors"))
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes["class_ids"] == [7, 3, 9, 1, 4] and classes["tasks"][1] == {"name": "t1", "logits": [2, 5]}
+    p = classes["preprocess"]
+    x = images.float().permute(0, 3, 1, 2) / 255.0
+    x = torch.nn.functional.interpolate(x, size=(p["image_size"],) * 2, mode="bilinear", antialias=True)
+    x = (x - torch.tensor(p["mean"]).view(1, -1, 1, 1)) / torch.tensor(p["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        feats = backbone(pixel_values=x).last_hidden_state[:, 0]
+    logits = torch.cat([feats @ heads[f"{t}.weight"].T + heads[f"{t}.bias"] for t in range(2)], dim=1)
+    assert torch.equal(logits.argmax(dim=1), expected)

@@ -38,7 +38,7 @@ def runs(tmp_path_factory, shards):
         key = (nproc, stage, dtype)
         if key not in done:
             out = root / f"p{nproc}-z{stage}-{dtype}"
-            extra = [f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}"]
+            extra = [f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}", "export.merged_model=true"]
             if stage == 3:  # partition even the tiny model's parameters
                 extra.append("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
             train(nproc, out, *extra, shards=shards, config=LLM_CONFIG)
@@ -71,6 +71,21 @@ def test_two_processes_under_zero3_reproduce_one_process(runs):
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
     assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+
+
+def test_merged_export_is_a_plain_transformers_model_at_any_world_size(runs):
+    """export.merged_model: model/ loads with AutoModelForCausalLM and AutoTokenizer alone; the 2-rank ZeRO-3 run
+    (its parameters gathered for the export) writes the model the 1-process run writes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logits = []
+    for out in (runs(1, 0), runs(2, 3)):
+        tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
+        model = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+        ids = tokenizer("Classify the sentiment: what a lovely day", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
 
 
 def test_bf16_base_with_fp32_adapters_under_zero3(runs):

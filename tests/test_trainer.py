@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 from trainer_runs import REPO, command, env, heads_and_statistics, results, tiny_shards, train
 
 from inflora_dist.config import RunConfig, load_run_config
@@ -41,7 +42,7 @@ def runs(tmp_path_factory, shards):
             extra = ["wandb.enabled=true", "wandb.mode=offline"] if (nproc, stage) == (1, 0) else []
             if stage == 3:  # partition even the tiny test's parameters (the default keeps small ones whole)
                 extra.append("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
-            train(nproc, out, f"deepspeed.zero_stage={stage}", *extra, shards=shards)
+            train(nproc, out, f"deepspeed.zero_stage={stage}", "export.merged_model=true", *extra, shards=shards)
             done[nproc, stage] = out
         return done[nproc, stage]
 
@@ -59,10 +60,7 @@ def test_one_process_run_writes_every_output(runs):
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert [len(r) for r in metrics["task_incremental_accuracy_matrix"]] == [1, 2, 3]
     assert [len(r) for r in metrics["ncm_accuracy_matrix"]] == [1, 2, 3]
-    assert (
-        metrics["ca"] is True
-        and [set(t) for t in metrics["timings"]] == [TIMING_KEYS] * 3
-    )
+    assert metrics["ca"] is True and [set(t) for t in metrics["timings"]] == [TIMING_KEYS] * 3
     stats = json.loads((out / "class_statistics.json").read_text())
     assert stats["form"] == "full" and stats["task_offsets"] == [0, 2, 4, 6] and len(stats["class_ids"]) == 6
     for key in ("avg_acc", "avg_incremental_acc", "bwt", "forgetting"):
@@ -109,6 +107,14 @@ def test_two_processes_reproduce_one_process(runs, stage):
     assert sorted(heads) == sorted(ref_heads) and any(k.startswith("stats.covariances") for k in heads)
     for name, tensor in heads.items():
         torch.testing.assert_close(tensor, ref_heads[name], rtol=1e-6, atol=1e-6, msg=name)
+    # The merged export (backbone gathered from its ZeRO-3 partitions, heads, class map) is the 1-process one.
+    for file in ("model.safetensors", "heads.safetensors"):
+        ref, got = load_file(str(runs(1, 0) / "model" / file)), load_file(str(runs(2, stage) / "model" / file))
+        assert sorted(got) == sorted(ref), file
+        for name, tensor in got.items():
+            torch.testing.assert_close(tensor, ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    classes = json.loads((runs(2, stage) / "model" / "classes.json").read_text())
+    assert len(classes["class_ids"]) == 6 and [t["logits"] for t in classes["tasks"]] == [[0, 2], [2, 4], [4, 6]]
     for key in ("accuracy_matrix", "task_incremental_accuracy_matrix", "ncm_accuracy_matrix"):
         assert metrics[key] == ref_metrics[key], key
 
