@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from inflora_dist.data import ShardError, TaskLoader, TaskStream, load_task_sequence, open_task
-from inflora_dist.data.build_shards import FASHION_MNIST_DIR, build_instruction, load_fashion_mnist, main, read_jsonl
+from inflora_dist.data.build_shards import FASHION_MNIST_DIR, build_instruction, load_fashion_mnist, main, read_records
 
 pytestmark = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed (make test installs it)"
@@ -68,7 +68,7 @@ def test_jsonl_round_trip(tmp_path):
     lines = [{"prompt": f"q{i} é", "response": ["yes", "no"][i % 2], "task": f"t{i % 3}"} for i in range(30)]
     src = tmp_path / "data.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines))
-    records = read_jsonl([src], task_field="task")
+    records = read_records([src], task_field="task")
     config = build_instruction(records, str(tmp_path / "out"), eval_fraction=0.2, shard_size=3, progress=False)
     seq = load_task_sequence(str(tmp_path / "out" / "tasks.yaml"))
     assert [t.name for t in seq.tasks] == ["t0", "t1", "t2"] and config.tasks[0].instruction.labels == ["no", "yes"]
@@ -78,6 +78,33 @@ def test_jsonl_round_trip(tmp_path):
             for batch in TaskLoader(open_task(seq, t, split, batch_size=4, mode="exact", rank=0, world_size=1)):
                 back += [j for j, w in zip(batch["json"], batch["weight"], strict=True) if w > 0]
     assert sorted(map(json.dumps, back), key=str) == sorted(map(json.dumps, lines), key=str)
+
+
+def test_records_from_datasets_parquet_and_csv(tmp_path):
+    """The same records written by `datasets` itself (save_to_disk, to_parquet, to_csv) and as JSONL build the
+    same task sequence; custom field names; a DatasetDict needs --split; a missing field is named."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"question": [f"q{i}, with a comma" for i in range(12)], "answer": ["yes", "no", "maybe"] * 4,
+            "kind": [f"t{i % 2}" for i in range(12)]}  # fmt: skip
+    data = datasets.Dataset.from_dict(rows)
+    data.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "saved_dict"))
+    data.to_parquet(str(tmp_path / "data.parquet"))
+    data.to_csv(str(tmp_path / "data.csv"), index=False)
+    data.to_json(str(tmp_path / "data.jsonl"))
+    fields = ["--task-field", "kind", "--prompt-field", "question", "--response-field", "answer"]
+    indexes = {}
+    for source in ("saved", "data.parquet", "data.csv", "data.jsonl"):
+        out = tmp_path / f"out-{source}"
+        config = main(["records", str(tmp_path / source), *fields, "--out", str(out), "--quiet"])
+        assert [t.name for t in config.tasks] == ["t0", "t1"]
+        indexes[source] = json.loads((out / "index.json").read_text())["shards"]
+    assert all(index == indexes["data.jsonl"] for index in indexes.values())  # same bytes, same checksums
+    main(["records", str(tmp_path / "saved_dict"), *fields, "--split", "train", "--out", str(tmp_path / "dd")])
+    with pytest.raises(ValueError, match=r"splits \['train'\]: choose one with --split"):
+        read_records([tmp_path / "saved_dict"], "kind", "question", "answer")
+    with pytest.raises(ValueError, match=r"data.csv:2: no field 'prompt' \(the record has \['answer', 'kind'"):
+        read_records([tmp_path / "data.csv"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -213,7 +240,7 @@ def test_s3_through_a_real_s3_api(sequence, fmnist, tmp_path):
 def test_cli_help_lists_sources():
     out = subprocess.run([sys.executable, "-m", "inflora_dist.data.build_shards", "--help"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
-    for command in ("fashion-mnist", "arrays", "jsonl"):
+    for command in ("fashion-mnist", "arrays", "records", "jsonl"):
         assert command in out
 
 

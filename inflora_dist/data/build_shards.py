@@ -3,7 +3,7 @@
     python -m inflora_dist.data.build_shards fashion-mnist --out runs/shards/fmnist --tasks 5 --classes-per-task 2
     python -m inflora_dist.data.build_shards arrays --train-images x.npy --train-labels y.npy ... --out s3://b/x
     python -m inflora_dist.data.build_shards imagefolder --root imagenet-r --tasks 10 --classes-per-task 20 ...
-    python -m inflora_dist.data.build_shards jsonl a.jsonl b.jsonl --out runs/shards/text
+    python -m inflora_dist.data.build_shards records a.jsonl b.parquet c.csv saved_dataset/ --out runs/shards/text
     python -m inflora_dist.data.build_shards llm-demo --out runs/shards/llm_demo --per-label 60
     python -m inflora_dist.data.build_shards olora --root /data/O-LoRA/CL_Benchmark --order order1 --out ...
 
@@ -15,13 +15,14 @@ and `tasks.yaml` (the task sequence, with `root` set to --out).
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import io
 import json
 import logging
 import posixpath
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,26 +82,67 @@ def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR) -> dict[str, n
     return out
 
 
-def read_jsonl(
+RECORD_FORMATS = "JSON Lines (.jsonl/.json), Parquet (.parquet), CSV (.csv), or a `datasets` save_to_disk folder"
+
+
+def _rows(path: Path, split: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of every record of one source file or folder."""
+    if path.is_dir():  # a Hugging Face dataset saved with save_to_disk (the optional `datasets` package)
+        try:
+            from datasets import DatasetDict, load_from_disk
+        except ImportError:
+            raise ImportError(f"{path} is a folder: reading a saved dataset needs `pip install datasets`") from None
+        data = load_from_disk(str(path))
+        if isinstance(data, DatasetDict):
+            if split is None or split not in data:
+                raise ValueError(f"{path} holds splits {sorted(data)}: choose one with --split (got {split!r})")
+            data = data[split]
+        for i, row in enumerate(data):
+            yield f"{path}[{i}]", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # installed with `datasets`
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[{i}]", row
+    elif path.suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
+                yield f"{path}:{i}", row
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield f"{path}:{lineno}", json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{lineno}: not JSON ({err})") from None
+    else:
+        raise ValueError(f"{path}: unknown record source; expected {RECORD_FORMATS}")
+
+
+def read_records(
     paths: Sequence[str | Path],
     task_field: str | None = None,
     prompt_field: str = "prompt",
     response_field: str = "response",
+    split: str | None = None,
 ) -> dict[str, list[dict[str, str]]]:
-    """Records {prompt, response} grouped by task: by `task_field` if given, else one task per file (its stem)."""
+    """Records {prompt, response} grouped by task: by `task_field` if given, else one task per source (its stem).
+
+    Each source is one of RECORD_FORMATS; `split` picks the split of a saved
+    DatasetDict. A record missing a field is an error naming the source, the
+    record and the fields it has.
+    """
     tasks: dict[str, list[dict[str, str]]] = {}
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    item = {"prompt": str(record[prompt_field]), "response": str(record[response_field])}
-                    task = str(record[task_field]) if task_field else Path(path).stem
-                except (json.JSONDecodeError, KeyError) as err:
-                    raise ValueError(f"{path}:{lineno}: bad record ({err!r})") from None
-                tasks.setdefault(task, []).append(item)
+    for source in paths:
+        path = Path(source)
+        for where, record in _rows(path, split):
+            try:
+                item = {"prompt": str(record[prompt_field]), "response": str(record[response_field])}
+                task = str(record[task_field]) if task_field else path.stem
+            except KeyError as err:
+                raise ValueError(f"{where}: no field {err} (the record has {sorted(record)})") from None
+            tasks.setdefault(task, []).append(item)
     return tasks
 
 
@@ -354,11 +396,14 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("train-images", "train-labels", "eval-images", "eval-labels"):
         ar.add_argument(f"--{name}", required=True, help=f"{name.replace('-', ' ')} (.npy)")
     classification(ar)
-    js = sub.add_parser("jsonl", help="JSON Lines of prompt/response records -> instruction tasks")
-    js.add_argument("files", nargs="+", help="one task per file, unless --task-field is given")
+    js = sub.add_parser(
+        "records", aliases=["jsonl"], help=f"prompt/response records -> instruction tasks: {RECORD_FORMATS}"
+    )
+    js.add_argument("files", nargs="+", help="one task per file or folder, unless --task-field is given")
     js.add_argument("--task-field", default=None, help="the record field naming the task")
     js.add_argument("--prompt-field", default="prompt")
     js.add_argument("--response-field", default="response")
+    js.add_argument("--split", default=None, help="the split of a saved DatasetDict (e.g. train)")
     js.add_argument("--eval-fraction", type=float, default=0.1)
     js.add_argument(
         "--metric", type=_key_value, action="append", default=[], metavar="TASK=METRIC",
@@ -417,9 +462,9 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
             args.root, args.order, args.max_train_per_task, args.max_eval_per_task, args.seed
         )
         config = build_instruction(train, args.out, eval_records=held_out, metrics=metrics, **common)
-    elif args.command in ("jsonl", "llm-demo"):
-        if args.command == "jsonl":
-            records = read_jsonl(args.files, args.task_field, args.prompt_field, args.response_field)
+    elif args.command in ("records", "jsonl", "llm-demo"):
+        if args.command != "llm-demo":
+            records = read_records(args.files, args.task_field, args.prompt_field, args.response_field, args.split)
             metrics = dict(args.metric)
         else:
             records, metrics = demo_sequence(args.per_label, args.seed)
