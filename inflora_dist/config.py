@@ -91,6 +91,7 @@ class InfLoRAConfig:
     rank: int = 10
     lambda_begin: float = 0.95
     lambda_end: float = 1.0
+    planned_tasks: int | None = None  # DualGPM's threshold horizon T (None: the sequence's length)
     fold: str = "merge"
     reduce: str = "all_reduce"
     accumulation_dtype: str = "auto"  # running x x^T sums (auto: float64)
@@ -267,6 +268,9 @@ def validate_run_config(cfg: RunConfig) -> None:
         )
     if cfg.train.max_micro_batch_size is not None and cfg.train.max_micro_batch_size < 1:
         raise ValueError(f"train.max_micro_batch_size must be >= 1 or null, got {cfg.train.max_micro_batch_size!r}")
+    planned = cfg.inflora.planned_tasks
+    if planned is not None and (not isinstance(planned, int) or planned < 1):
+        raise ValueError(f"inflora.planned_tasks must be an integer >= 1 or null, got {planned!r}")
     budget = cfg.inflora.covariance_max_bytes_per_rank
     if budget is not None and budget < 1:
         raise ValueError(f"inflora.covariance_max_bytes_per_rank must be >= 1 or null, got {budget!r}")
@@ -312,7 +316,8 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
 #: its whole section). Everything else may change on resume (lr and epochs of later tasks, logging, W&B,
 #: checkpoint cadence, evaluation batch, DeepSpeed settings and the world size at a task boundary).
 RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
-                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.")  # fmt: skip
+                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "inflora.planned_tasks",
+                     "ca.")  # fmt: skip
 #: model keys that only change how evaluation generates, not the state.
 _RESUME_FREE_MODEL_KEYS = ("model.max_new_tokens",)
 

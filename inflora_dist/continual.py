@@ -76,17 +76,20 @@ class InfLoRA:
         accumulation_dtype: torch.dtype | None = None,
         gemm_dtype: torch.dtype | None = None,
         bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES,
+        planned_tasks: int | None = None,
     ) -> None:
         """`accumulation_dtype` (default float64) and `gemm_dtype` (default: float64 on CPU, float32 on
         accelerators) are the covariance sums' and each batch's x^T x; `bucket_bytes` caps one reduction
-        bucket (see covariance.py)."""
+        bucket (see covariance.py). `planned_tasks` is DualGPM's threshold horizon T (default: the layers'
+        task count)."""
         if reduce not in REDUCE_MODES:
             raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
         self.report = report
         first = next(iter(report.layers.values()))
         self.rank, self.num_tasks = first.rank, first.num_tasks
         self.reduce = reduce
-        self.memories = {g: SubspaceMemory(d, lambda_begin, lambda_end, self.num_tasks) for g, d in report.dims.items()}
+        horizon = planned_tasks or self.num_tasks
+        self.memories = {g: SubspaceMemory(d, lambda_begin, lambda_end, horizon) for g, d in report.dims.items()}
         representatives = {g: report.layers[names[0]] for g, names in report.groups.items()}
         self.collector = CovarianceCollector(
             representatives,

@@ -138,6 +138,7 @@ class ContinualTrainer:
             accumulation_dtype=_DTYPES[cfg.inflora.accumulation_dtype],
             gemm_dtype=_DTYPES[cfg.inflora.covariance_gemm_dtype],
             bucket_bytes=cfg.inflora.reduce_bucket_bytes,
+            planned_tasks=cfg.inflora.planned_tasks,
         )
         # The pre-trained weights the branches adapt, as loaded (before any merge): compared before every stage.
         start = time.perf_counter()

@@ -42,8 +42,12 @@ A_SCALE = 1.0 / math.sqrt(3.0)
 
 
 def energy_threshold(task_index: int, lambda_begin: float, lambda_end: float, num_tasks: int) -> float:
-    """DualGPM threshold eps_t = lambda_b + (lambda_e - lambda_b) * t / T for task t (0-based)."""
-    return lambda_begin + (lambda_end - lambda_begin) * task_index / num_tasks
+    """DualGPM threshold eps_t = lambda_b + (lambda_e - lambda_b) * min(t, T) / T for task t (0-based).
+
+    T is the planned horizon (`inflora.planned_tasks`, by default the sequence's
+    length): a sequence that grows past it keeps lambda_end.
+    """
+    return lambda_begin + (lambda_end - lambda_begin) * min(task_index, num_tasks) / num_tasks
 
 
 def _top_eigenvalue(c: torch.Tensor, iters: int = 30) -> float:
@@ -219,8 +223,8 @@ class SubspaceMemory:
     # ------------------------------------------------------------------ DualGPM
     def update(self, cov: torch.Tensor, task_index: int) -> None:
         """Grow the old-task subspace with task `task_index`'s post-training covariance (DualGPM)."""
-        if not isinstance(task_index, int) or not 0 <= task_index < self.num_tasks:
-            raise ValueError(f"task_index must be an int in [0, {self.num_tasks}), got {task_index!r}")
+        if not isinstance(task_index, int) or isinstance(task_index, bool) or task_index < 0:
+            raise ValueError(f"task_index must be an int >= 0, got {task_index!r}")
         c = self._check_cov(cov)
         eps_t = self.threshold(task_index)
         total = float((c**2).sum())  # sum of squared singular values = squared Frobenius norm

@@ -292,3 +292,14 @@ def test_upper_triangle_streams_by_ranges_on_both_paths():
         for s in range(0, tri.numel(), step):
             back.write(s, expected[s : s + step])
         assert torch.equal(target, m.triu())
+
+
+def test_planned_tasks_sets_the_threshold_horizon():
+    """inflora.planned_tasks: eps_t runs over the planned horizon, not the layers' task count (default)."""
+    report = inject_inflora(tiny_llama(), ["k_proj", "v_proj"], rank=2, num_tasks=3)
+    default = InfLoRA(report, 0.9, 0.99)
+    planned = InfLoRA(report, 0.9, 0.99, planned_tasks=6)
+    for memory in default.memories.values():
+        assert memory.threshold(3) == pytest.approx(0.99)
+    for memory in planned.memories.values():
+        assert memory.threshold(3) == pytest.approx(0.9 + 0.09 * 3 / 6) and memory.threshold(9) == pytest.approx(0.99)

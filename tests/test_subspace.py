@@ -766,9 +766,17 @@ def test_bad_rank_raises(rank):
     assert repr(rank) in str(info.value)
 
 
-@pytest.mark.parametrize("task_index", [-1, 3, 10, 1.0])
+def test_threshold_stays_at_lambda_end_past_the_planned_horizon():
+    """eps_t rises linearly over the planned T tasks, then stays at lambda_end (a sequence extended past T)."""
+    mem = SubspaceMemory(4, 0.5, 0.9, 4)
+    assert [round(mem.threshold(t), 12) for t in range(7)] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.9, 0.9]
+    mem.update(torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)), 6)  # past T: allowed
+    assert mem.mode is not None
+
+
+@pytest.mark.parametrize("task_index", [-1, 1.0, True])
 def test_bad_task_index_raises(task_index):
-    """update rejects a task_index outside [0, num_tasks) or not an int, naming the value."""
+    """update rejects a negative or non-int task_index, naming the value."""
     mem = SubspaceMemory(4, 0.5, 0.9, 3)
     with pytest.raises(ValueError) as info:
         mem.update(torch.eye(4), task_index)
