@@ -4,7 +4,7 @@ A multi-node job can silently differ between nodes: one node's stale copy of
 the shard index, another model directory, another library version. Every
 collective would still run, and the covariances, A and memories would be wrong
 with no error. Before each task the trainer hashes each such item on every
-rank (`fingerprint_items`), all-gathers the digests in one collective and, on a
+rank (`check_ranks_agree`), all-gathers the digests in one collective and, on a
 mismatch, raises `RanksDisagree` on every rank (they all see the same table),
 naming each differing item and the ranks on each side.
 

@@ -39,6 +39,11 @@ def default_gemm_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" else torch.float32
 
 
+def traffic_bytes(d: int, bytes_per_element: int) -> int:
+    """Bytes one group adds to a reduction: its upper triangle and token count, (d(d+1)/2 + 1) * b."""
+    return (d * (d + 1) // 2 + 1) * bytes_per_element
+
+
 def mirror_(upper: torch.Tensor) -> torch.Tensor:
     """Overwrite the lower triangle of a square matrix with its upper one (exact; one d^2 temporary)."""
     upper.triu_()
@@ -192,7 +197,7 @@ class CovarianceCollector:
     def reduce_bytes(self, groups: list[str] | None = None) -> int:
         """Bytes one reduction of `groups` (default all) sends per rank: upper triangles and counts."""
         groups = self.groups if groups is None else groups
-        return sum(self.dims[g] * (self.dims[g] + 1) // 2 + 1 for g in groups) * self.dtype.itemsize
+        return sum(traffic_bytes(self.dims[g], self.dtype.itemsize) for g in groups)
 
     def all_reduce(self) -> dict[str, torch.Tensor]:
         """Every group's covariance over all ranks' data, on every rank (float64).

@@ -121,9 +121,9 @@ class UpperTriangle:
     Read and written in place by ranges, never through a copy of the whole
     triangle. On the host the rows' parts of a range are slices (gathered by
     one cat, written back one copy each: cheaper than index arithmetic per
-    value); on
-    an accelerator one gather/scatter per range of at most INDEX_CHUNK values
-    (d kernel launches would cost more), with ~24 MiB of int64 index.
+    value); on an accelerator one gather/scatter per range of at most
+    INDEX_CHUNK values (d kernel launches would cost more), with ~24 MiB of
+    int64 index.
     """
 
     INDEX_CHUNK = 2**20

@@ -344,13 +344,12 @@ def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "
         if not name.startswith(prefix):
             continue
         base = layer.base_layer
-        live = [t for t in _started_tasks(layer) if layer.status(t) in (TRAINING, FROZEN)]
+        live = layer.live_tasks()
         params = [*base.parameters(), *(layer.lora_B(t) for t in live)]
         with dist.gathered_params(params):  # collective under ZeRO-3
             weight = base.weight.detach().float()
             for t in live:
-                delta = layer.delta_weight(t)
-                weight = weight + (delta.T if layer.fan_in_fan_out else delta)
+                weight = weight + layer.weight_delta(t)
             state[key(f"{name}.weight")] = _tensor_out(weight, base.weight.dtype)
             if base.bias is not None:
                 state[key(f"{name}.bias")] = _tensor_out(base.bias)

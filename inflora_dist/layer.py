@@ -142,12 +142,19 @@ class InfLoRALinear(nn.Module):
         """B_t A_t, (d_out, d_in), in float32 whatever the adapter dtype (it is added into the base weight)."""
         return self.lora_B(task_id).float() @ self.lora_A[task_id].float()
 
+    def weight_delta(self, task_id: int) -> torch.Tensor:
+        """`delta_weight` in the base weight's own layout (transposed for GPT-2's Conv1D), float32."""
+        delta = self.delta_weight(task_id)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def live_tasks(self) -> list[int]:
+        """Tasks whose branch the forward applies: training or frozen, not yet merged into the weight."""
+        return [t for t, s in enumerate(self._status) if s in (TRAINING, FROZEN)]
+
     def _add_to_weight(self, task_id: int, sign: float) -> None:
         weight = self.base_layer.weight
         with gathered_params([weight, self.lora_B(task_id)], modifier_rank=0), torch.no_grad():
-            delta = self.delta_weight(task_id)
-            if self.fan_in_fan_out:
-                delta = delta.T
+            delta = self.weight_delta(task_id)
             if not torch.isfinite(delta).all():
                 raise ValueError(f"the branch of task {task_id} contains NaN or inf; refusing to merge it")
             weight.add_(delta.to(weight.dtype), alpha=sign)
@@ -182,7 +189,7 @@ class InfLoRALinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        live = [t for t, s in enumerate(self._status) if s in (TRAINING, FROZEN)]
+        live = self.live_tasks()
         if not live:
             return result
         if len(live) == 1:

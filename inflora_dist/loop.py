@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import torch
 from tqdm import tqdm
 
@@ -305,16 +304,15 @@ class ContinualTrainer:
 
         tasks = [self.seq.tasks[t] for t in self.stages[stage]]
         shards = {
-            t.name: {
-                "index": self.index.get("tasks", {}).get(t.name),
+            self.names[t]: {
+                "index": self.index.get("tasks", {}).get(self.names[t]),
                 "shards": {
                     path: self.index.get("shards", {}).get(path)
-                    for split in (t.train, t.eval)
-                    for pattern in split.shards
-                    for path in braceexpand.braceexpand(pattern)
+                    for split in ("train", "eval")
+                    for path in self.seq.shard_paths(t, split)
                 },
             }
-            for t in tasks
+            for t in self.stages[stage]
         }
         return {
             "resolved config": to_dict(self.cfg),

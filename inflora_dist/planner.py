@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inflora_dist import dist
-from inflora_dist.covariance import CovarianceCollector, assign_owners
+from inflora_dist.covariance import CovarianceCollector, assign_owners, traffic_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ RESULT_BYTES_PER_ELEMENT = 8
 def sum_bytes(d: int, bytes_per_element: int) -> int:
     """Bytes of one group's local sum and token count: (d*d + 1) * bytes_per_element."""
     return (d * d + 1) * bytes_per_element
-
-
-def traffic_bytes(d: int, bytes_per_element: int) -> int:
-    """Bytes one group adds to a reduction: its upper triangle and token count, (d(d+1)/2 + 1) * b."""
-    return (d * (d + 1) // 2 + 1) * bytes_per_element
 
 
 def result_bytes(d: int) -> int:

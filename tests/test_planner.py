@@ -9,9 +9,9 @@ from test_covariance import TARGETS, covariance_pass, make_batches
 from tiny_models import tiny_llama
 
 from inflora_dist.continual import InfLoRA
-from inflora_dist.covariance import assign_owners
+from inflora_dist.covariance import assign_owners, traffic_bytes
 from inflora_dist.inject import inject_inflora
-from inflora_dist.planner import collect_in_passes, plan_covariance, result_bytes, sum_bytes, traffic_bytes
+from inflora_dist.planner import collect_in_passes, plan_covariance, result_bytes, sum_bytes
 from inflora_dist.subspace import SubspaceMemory
 
 

@@ -47,7 +47,7 @@ from inflora_dist import dist
 from inflora_dist.bench.precision import projector_errors
 from inflora_dist.bench.step import build_vit, covariance_batch, forward, make_batches
 from inflora_dist.continual import InfLoRA
-from inflora_dist.covariance import assign_owners
+from inflora_dist.covariance import assign_owners, traffic_bytes
 from inflora_dist.inject import inject_inflora
 
 SUMMARY = "covariance traffic, decompositions and step per world size, and a projection to 8 x 8 GPUs"
@@ -245,7 +245,7 @@ def project(workload: dict[str, Any], args: argparse.Namespace) -> dict[str, flo
     train_s = workload["epochs"] * tokens * 4 * workload["params"] / rate
     hook_flops = sum(2 * d * d for d in dims.values())
     passes_s = 2 * tokens * (2 * workload["params"] + hook_flops) / rate
-    traffic = sum((d * (d + 1) // 2 + 1) * 8 for d in dims.values())
+    traffic = sum(traffic_bytes(d, 8) for d in dims.values())
     reduce_s = 2 * traffic * (n - 1) / n / (args.bus_gbps * 1e9)
     owners = assign_owners(dims, n)
     load = [0.0] * n

@@ -78,10 +78,14 @@ class TaskSequenceConfig:
             return path
         return posixpath.join(self.root, path)
 
+    def shard_paths(self, task_index: int, split: str) -> list[str]:
+        """The expanded shard paths of one split of one task, as written (relative to `root`: the index's keys)."""
+        spec: SplitSpec = getattr(self.tasks[task_index], split)
+        return [u for pattern in spec.shards for u in braceexpand.braceexpand(pattern)]
+
     def shard_urls(self, task_index: int, split: str) -> list[str]:
         """The expanded shard URLs of one split of one task."""
-        spec: SplitSpec = getattr(self.tasks[task_index], split)
-        return [self.url(u) for pattern in spec.shards for u in braceexpand.braceexpand(pattern)]
+        return [self.url(u) for u in self.shard_paths(task_index, split)]
 
     @property
     def class_ids(self) -> list[int]:
