@@ -17,9 +17,12 @@ directory and the holder. A lock is *stale*, and is broken, when
   holder would have refreshed it). Until then, a rerun from another host is
   refused, and the error says when the lock will be stale.
 
-Breaking renames the stale file to a unique name (and puts back a fresh lock
-that another rerun made meanwhile) before creating a new one with O_EXCL, so of
-reruns racing for a stale lock one wins. The holder removes the file
+Breaking is serialised through a second O_EXCL file, `.run.lock.break`: its
+holder re-reads the lock, removes it only if it is still the stale record it
+judged (a fresh lock made meanwhile by another rerun is left alone), and
+creates its own with O_EXCL, so of reruns racing for a stale lock one wins.
+A breaker file older than `BREAKER_STALE_S` (its maker died inside those few
+milliseconds) is removed. The holder removes the file
 on exit (its token must still be the one in the file): normally, on an error,
 and after a pre-emption signal; only a killed process leaves it, stale.
 """
@@ -41,6 +44,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
+BREAKER_STALE_S = 30.0  # a break takes milliseconds; a breaker file this old was left by a dead process
 
 
 class RunDirectoryLocked(RuntimeError):
@@ -142,20 +146,37 @@ class RunLock:
         raise RunDirectoryLocked(f"run directory {self.path.parent}: could not take {self.path} (contended)")
 
     def _break(self, stale: dict[str, Any]) -> None:
-        """Move the stale lock aside; if another rerun replaced it meanwhile, put theirs back (no clobber)."""
-        aside = self.path.with_name(f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:8]}")
+        """Remove the lock if it is still the `stale` record, holding the breaker file; wait while another breaks."""
+        breaker = self.path.with_name(f"{LOCK_NAME}.break")
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another rerun moved it first: race for the create
+            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            self._wait_for_breaker(breaker)
+            return  # the other breaker made its lock (or left it stale): acquire looks again
         try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = {}
-        if moved.get("token") != stale.get("token"):  # a fresh lock, not the stale one we judged
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-            aside.unlink()
+            os.close(fd)
+            current = self._read()
+            if current is not None and current.get("token") == stale.get("token"):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                breaker.unlink()
+
+    @staticmethod
+    def _wait_for_breaker(breaker: Path) -> None:
+        deadline = time.time() + BREAKER_STALE_S
+        while time.time() < deadline:
+            try:
+                made = breaker.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if time.time() - made > BREAKER_STALE_S:
+                break
+            time.sleep(0.01)
+        logger.warning("removing %s, left by a process that died while breaking a stale lock", breaker)
+        with contextlib.suppress(FileNotFoundError):
+            breaker.unlink()
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:

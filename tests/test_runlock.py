@@ -112,3 +112,34 @@ def test_of_reruns_racing_for_a_stale_lock_one_wins(tmp_path):
     for p in procs:
         p.join(60)
     assert sorted(results.get(timeout=5) for _ in procs) == ["refused"] * 3 + ["won"]
+
+
+def test_a_rerun_that_judged_a_lock_stale_leaves_the_fresh_lock_another_rerun_made(tmp_path):
+    # The interleaving that once gave two winners: B judged the old record stale, A broke it and took the
+    # directory, then B breaks: it must see that the file is no longer the record it judged.
+    _write_holder(tmp_path, heartbeat=0.0)
+    stale = json.loads((tmp_path / LOCK_NAME).read_text())
+    a, b = RunLock(tmp_path), RunLock(tmp_path)
+    a.acquire()
+    try:
+        b._break(stale)
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == a.token
+        assert not (tmp_path / f"{LOCK_NAME}.break").exists()
+        with pytest.raises(RunDirectoryLocked, match="in use by another run"):
+            b.acquire()
+    finally:
+        a.release()
+
+
+def test_a_breaker_file_left_by_a_dead_process_is_removed(tmp_path, monkeypatch, caplog):
+    import inflora_dist.runlock as runlock
+
+    monkeypatch.setattr(runlock, "BREAKER_STALE_S", 0.3)
+    _write_holder(tmp_path, heartbeat=0.0)
+    (tmp_path / f"{LOCK_NAME}.break").write_text("")
+    lock = RunLock(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        lock.acquire()
+    assert "died while breaking a stale lock" in caplog.text
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token
+    lock.release()
