@@ -315,9 +315,9 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
 #: What a resume must keep: these change the shapes or the meaning of a run's saved state (a prefix covers
 #: its whole section). Everything else may change on resume (lr and epochs of later tasks, logging, W&B,
 #: checkpoint cadence, evaluation batch, DeepSpeed settings and the world size at a task boundary).
+#: (inflora.planned_tasks is checked by the trainer against the run's effective horizon.)
 RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
-                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "inflora.planned_tasks",
-                     "ca.")  # fmt: skip
+                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.")  # fmt: skip
 #: model keys that only change how evaluation generates, not the state.
 _RESUME_FREE_MODEL_KEYS = ("model.max_new_tokens",)
 

@@ -8,7 +8,9 @@ at zero and is the only trainable tensor of the layer while task t is active.
 
 Branches of all `num_tasks` tasks are allocated up front, as in the reference
 implementation: the parameter set never changes during a run, so optimizers,
-DeepSpeed engines and checkpoints see the same tensors at every task.
+DeepSpeed engines and checkpoints see the same tensors at every task. A run
+extended with more tasks is built with the longer sequence's count and loads
+the shorter run's state into its first slots (`_load_from_state_dict`).
 
 Finishing a task freezes B_t and folds the branch, by `fold`:
   * "merge" (default): W += B_t A_t. The forward pass then costs one branch
@@ -100,6 +102,17 @@ class InfLoRALinear(nn.Module):
         self.task_status[task_id] = status
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state with fewer task slots (a run now extended by more tasks) fills the first ones; the rest stay
+        # UNUSED, their B zero.
+        for name in ("lora_A", "task_status"):
+            saved, own = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.shape[1:] == own.shape[1:] and len(saved) != len(own):
+                if len(saved) > len(own):
+                    raise ValueError(
+                        f"{prefix}{name} holds {len(saved)} tasks, this layer has room for {len(own)}: "
+                        "a run's tasks cannot be dropped"
+                    )
+                state_dict[prefix + name] = torch.cat([saved.to(own.dtype), own[len(saved) :].cpu()])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._status = [int(s) for s in self.task_status.tolist()]
         for t in range(self.num_tasks):

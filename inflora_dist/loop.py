@@ -49,6 +49,7 @@ from inflora_dist.continual import InfLoRA, finish_branches, start_random_branch
 from inflora_dist.covariance import CovarianceCollector
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import main as build_shards
+from inflora_dist.data.spec import continuation_error, task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
 from inflora_dist.export import export_class_statistics, export_continual_state, export_peft_adapter
 from inflora_dist.inject import count_parameters, inject_inflora
@@ -226,7 +227,8 @@ class ContinualTrainer:
             "joint": self.joint,
             "timings": self.timings,
             "config": to_dict(self.cfg),
-            "task_sequence": self._sequence_record(),
+            "task_sequence": task_records(self.seq, self.index),
+            "planned_tasks": self._horizon(),
             "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
             "wandb_run_id": self.monitor.run_id,
             "world_size": self.world,
@@ -247,6 +249,10 @@ class ContinualTrainer:
             return None
         path, tensors, meta = loaded
         self._check_compatible(path, meta)
+        saved_tasks = len(meta.get("task_sequence", self.seq.tasks))
+        if self.cfg.inflora.planned_tasks is None and "config" in meta:
+            for memory in self.inflora.memories.values():  # the run's horizon holds for the tasks it gains
+                memory.num_tasks = self._saved_horizon(meta)
         adapters = {n: t for n, t in tensors.items() if not n.startswith(("memory.", _STATS))}
         missing = set(adapters) - set(self.model.state_dict())
         if missing:
@@ -272,6 +278,11 @@ class ContinualTrainer:
             )
         self._resume_path = path
         logger.info("resumed from %s: task %d, phase %s", path, self.progress.task, self.progress.phase)
+        if saved_tasks < self.num_tasks:
+            logger.info(
+                "extending the run's %d tasks by %d: %s (DualGPM horizon T=%d)", saved_tasks,
+                self.num_tasks - saved_tasks, ", ".join(self.names[saved_tasks:]), self._horizon(),
+            )  # fmt: skip
         return meta["wandb_run_id"]
 
     def _load_checkpoint(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -326,30 +337,52 @@ class ContinualTrainer:
             "frozen weights of the targeted layers": self.weights_digest,
         }
 
-    def _sequence_record(self) -> list[dict[str, Any]]:
-        """What identifies the task sequence in a checkpoint: each task's name, classes and sample counts."""
-        return [
-            {"name": t.name, "classes": t.classes, "train_samples": t.train.samples, "eval_samples": t.eval.samples}
-            for t in self.seq.tasks
-        ]
+    def _horizon(self) -> int:
+        """DualGPM's threshold horizon T in use (the same in every group's memory)."""
+        return next(iter(self.inflora.memories.values())).num_tasks
+
+    @staticmethod
+    def _saved_horizon(meta: dict[str, Any]) -> int:
+        # Checkpoints before the horizon was recorded: the explicit key, else their sequence's length.
+        return meta.get("planned_tasks") or meta["config"]["inflora"].get("planned_tasks") or len(meta["task_sequence"])
 
     def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
-        """Refuse, before loading anything, a checkpoint whose fixed config keys or task sequence differ."""
+        """Refuse, before loading anything, a checkpoint whose fixed config keys differ, or whose run this
+        task sequence neither repeats nor continues (the run's tasks first, unchanged, then new ones)."""
         if "config" not in meta:
             logger.warning("checkpoint %s predates config records: its compatibility is not checked", path)
             return
+        saved = meta["task_sequence"]
+        broken = continuation_error(saved, task_records(self.seq, self.index))
+        if broken:
+            raise ValueError(
+                f"the task sequence {self.cfg.data.tasks} does not continue the run of checkpoint {path}: {broken}. "
+                f"Resuming needs the run's {len(saved)} tasks first, as they were (names, classes, instruction "
+                "format, sample counts, shard checksums); new tasks may follow them. Or start afresh: "
+                "resume=never, or another output_dir"
+            )
         problems = resume_differences(meta["config"], to_dict(self.cfg))
-        saved, current = meta["task_sequence"], self._sequence_record()
-        if len(saved) != len(current):
-            problems.append(f"task sequence: {len(saved)} tasks -> {len(current)}")
-        for i, (old, new) in enumerate(zip(saved, current, strict=False)):
-            problems += [f"task {i} {k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new.get(k)]
+        planned, horizon = self.cfg.inflora.planned_tasks, self._saved_horizon(meta)
+        if planned is not None and planned != horizon:
+            problems.append(f"inflora.planned_tasks: the run's threshold horizon is {horizon} -> {planned}")
         if problems:
             raise ValueError(
                 f"checkpoint {path} was written with another config; these change the saved state's shapes or "
                 "meaning and must stay as they were (or start afresh: resume=never, or another output_dir):\n  "
                 + "\n  ".join(problems)
             )
+        if len(self.seq.tasks) > len(saved):
+            progress = meta["progress"]
+            if self.cfg.method == "joint":
+                raise ValueError(
+                    f"checkpoint {path}: method=joint trains all tasks in one stage, it cannot be extended with "
+                    f"{len(self.seq.tasks) - len(saved)} more; start a joint run of the whole sequence instead"
+                )
+            if progress["phase"] != "start":
+                raise ValueError(
+                    f"checkpoint {path} was written mid-task {progress['task']}: finish the run with its own "
+                    f"{len(saved)} tasks first, then extend it from its last task-boundary checkpoint (*-done)"
+                )
 
     # ------------------------------------------------------------------ passes
     def _data_pass(

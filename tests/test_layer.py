@@ -166,6 +166,24 @@ def test_state_dict_round_trip_restores_task_status():
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
 
 
+def test_a_state_with_fewer_tasks_fills_the_first_slots_of_a_larger_layer():
+    """Extending a run: the layer is built for 5 tasks, the run's state holds 3."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    small = InfLoRALinear(base, rank=4, num_tasks=3, fold="stack")
+    train_tasks(small, 3)
+    large = InfLoRALinear(nn.Linear(16, 8), rank=4, num_tasks=5, fold="stack")
+    large.base_layer.load_state_dict(base.state_dict())
+    large.load_state_dict(small.state_dict(), strict=False)  # lora_B_3, lora_B_4: new, zero
+    assert [large.status(t) for t in range(5)] == [FROZEN, FROZEN, FROZEN, 0, 0]
+    torch.testing.assert_close(large.lora_A[:3], small.lora_A, rtol=0, atol=0)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(large(x), small(x), rtol=0, atol=0)
+    large.start_task(3, random_a(4, 16, 3))  # the new slots work as any other
+    with pytest.raises(ValueError, match=r"lora_A holds 5 tasks, this layer has room for 3: a run's tasks cannot"):
+        InfLoRALinear(nn.Linear(16, 8), rank=4, num_tasks=3).load_state_dict(large.state_dict(), strict=False)
+
+
 def test_lifecycle_errors():
     layer = InfLoRALinear(nn.Linear(16, 8), rank=4, num_tasks=2)
     with pytest.raises(RuntimeError, match="no active task"):

@@ -46,10 +46,18 @@ def command(nproc: int, *overrides: str, config: Path = CONFIG) -> list[str]:
 
 
 def train(
-    nproc: int, out: Path, *overrides: str, shards: Path, timeout: int = 600, config: Path = CONFIG
+    nproc: int,
+    out: Path,
+    *overrides: str,
+    shards: Path,
+    timeout: int = 600,
+    config: Path = CONFIG,
+    tasks_file: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a tiny config (the ViT one by default) to completion; raise with the output if it fails."""
-    args = command(nproc, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *overrides, config=config)
+    """Run a tiny config (the ViT one by default) to completion on `shards`/tasks.yaml (or `tasks_file`); raise
+    with the output if it fails."""
+    tasks = tasks_file or shards / "tasks.yaml"
+    args = command(nproc, f"output_dir={out}", f"data.tasks={tasks}", *overrides, config=config)
     proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import braceexpand
@@ -108,6 +108,39 @@ class TaskSequenceConfig:
                 f"shard index {url} not found: build the shards with `python -m inflora_dist.data.build_shards`, "
                 "which writes it"
             ) from None
+
+
+def task_records(seq: TaskSequenceConfig, index: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What identifies each task in a checkpoint: name, classes, instruction format, sample counts and the
+    sha256 of every shard (from the `index`): by content, not location, so a copy elsewhere still matches."""
+    shards = index.get("shards", {})
+    records = []
+    for i, task in enumerate(seq.tasks):
+        record = {"name": task.name, "classes": task.classes,
+                  "instruction": asdict(task.instruction) if task.instruction else None,
+                  "train_samples": task.train.samples, "eval_samples": task.eval.samples}  # fmt: skip
+        for split in ("train", "eval"):
+            record[f"{split}_sha256"] = [shards.get(path, {}).get("sha256") for path in seq.shard_paths(i, split)]
+        records.append(record)
+    return records
+
+
+def continuation_error(saved: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]) -> str:
+    """'' if the `current` task records start with all of the `saved` ones (the same sequence, or one that
+    continues it), else what breaks that: the first differing task and field. Pure.
+
+    Fields a record saved by an older version lacks are not compared.
+    """
+    for i, old in enumerate(saved):
+        if i >= len(current):
+            return (
+                f"it has {len(current)} tasks, the run has {len(saved)}: a continuation keeps every task of the "
+                f"run, the first missing one is task {i} ({old['name']!r})"
+            )
+        for key, value in old.items():
+            if current[i].get(key) != value:
+                return f"task {i} ({old['name']!r}) differs in {key}: {value!r} -> {current[i].get(key)!r}"
+    return ""
 
 
 def load_task_sequence(
