@@ -22,15 +22,19 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from inflora_dist import dist
 
 MANIFEST = "manifest.json"
+MEMORY_PREFIX = "memory."  # state.safetensors: subspace bases by input group
+STATS_PREFIX = "class_stats."  # state.safetensors: the class statistics' tensors
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -174,3 +178,23 @@ class Checkpointer:
         if rng.exists():
             set_rng_state(json.loads(rng.read_text()))
         return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+
+
+def restore_model_state(
+    model: nn.Module, layers: Iterable[Any], tensors: dict[str, torch.Tensor], source: Path
+) -> None:
+    """Load a checkpoint's adapters (A, B, task status) and heads into `model`, freshly built from the
+    pre-trained weights, and add the merged branches back into those weights (`layers`: its InfLoRALinear
+    modules). Tasks the model has room for beyond the checkpoint's stay unused."""
+    adapters = {n: t for n, t in tensors.items() if not n.startswith((MEMORY_PREFIX, STATS_PREFIX))}
+    unknown = set(adapters) - set(model.state_dict())
+    if unknown:
+        raise RuntimeError(f"checkpoint {source} does not fit this model: unknown tensors {sorted(unknown)[:5]}")
+    model.load_state_dict(adapters, strict=False)
+    for layer in layers:
+        layer.reapply_merges()  # the pre-trained weights were just loaded afresh
+
+
+def class_statistics_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The class statistics' own state (`ClassStatistics.load_state_dict`) among a checkpoint's tensors."""
+    return {n[len(STATS_PREFIX) :]: t for n, t in tensors.items() if n.startswith(STATS_PREFIX)}

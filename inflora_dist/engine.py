@@ -1,4 +1,4 @@
-"""DeepSpeed in one place: process group start-up, the engine of one task, its config.
+"""DeepSpeed in one place: process group start-up, the engine of one task, an evaluation engine, its config.
 
 The engine is rebuilt at every task boundary: the trainable set changes (B_t
 and head t), and the reference restarts Adam and the cosine schedule at every
@@ -9,9 +9,12 @@ optimizer state) that keeping one engine would need.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import os
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,18 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    """End the process group on every rank, and remove this rank's /dev/shm buffer of DeepSpeed's CPU
+    all-reduce (its own launcher leaves a 66 MB one per rank)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+    addr, port, local = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def batch_layout(global_batch: int, world_size: int, max_micro: int | None) -> tuple[int, int]:
@@ -130,4 +145,19 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, micro, accumulation, world),
     )
+    return engine
+
+
+def build_inference_engine(model: nn.Module, cfg: RunConfig) -> deepspeed.DeepSpeedEngine:
+    """An engine that only runs forwards (evaluation and prediction from a finished run). Collective.
+
+    Under ZeRO-3 the parameters stay partitioned (DeepSpeed needs no optimizer
+    for that); ZeRO-1/2 partition only optimizer state and gradients, so the
+    other stages run as stage 0, every rank holding the weights. Precision is the
+    run's, as in its own evaluation.
+    """
+    stage = 3 if cfg.deepspeed.zero_stage == 3 else 0
+    run = replace(cfg, deepspeed=replace(cfg.deepspeed, zero_stage=stage, offload=cfg.deepspeed.offload and stage == 3))
+    engine, _, _, _ = deepspeed.initialize(model=model, config=deepspeed_config(run, 1, 1, tdist.get_world_size()))
+    engine.eval()
     return engine

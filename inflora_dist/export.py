@@ -390,11 +390,13 @@ def export_classifier_heads(
     offsets: Sequence[int],
     task_names: Sequence[str],
     preprocess: dict[str, Any],
+    class_names: Sequence[str | None] | None = None,
 ) -> None:
     """Write `heads.safetensors` (head t's `t.weight` / `t.bias`, float32) and `classes.json` beside a merged
     backbone: what a plain transformers user needs to classify with it.
 
-    classes.json holds the logit position -> class id map, each task's logit
+    classes.json holds the logit position -> class id map (and name, when the task spec names its classes), each
+    task's logit
     range, the heads' cosine scale, the preprocessing and how the features are
     read (the backbone's `last_hidden_state[:, 0]`). Class-incremental
     prediction is the argmax over all heads' concatenated logits. Collective
@@ -419,6 +421,7 @@ def export_classifier_heads(
             "cosine_scale": float(getattr(heads[0], "cosine_scale", 0.0)) if heads else 0.0,
             "preprocess": dict(preprocess),
             "class_ids": [int(c) for c in class_ids],
+            "class_names": list(class_names) if class_names and any(class_names) else None,
             "tasks": [
                 {"name": name, "logits": [int(offsets[t]), int(offsets[t + 1])]} for t, name in enumerate(task_names)
             ],

@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from inflora_dist import __version__, dist
 from inflora_dist.agreement import check_ranks_agree, tensors_digest
-from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer
+from inflora_dist.checkpoint import (
+    MEMORY_PREFIX,
+    STATS_PREFIX,
+    CheckpointCorrupt,
+    Checkpointer,
+    class_statistics_state,
+    restore_model_state,
+)
 from inflora_dist.config import RunConfig, resume_differences, to_dict, to_yaml
 from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
 from inflora_dist.covariance import CovarianceCollector
@@ -57,7 +64,7 @@ from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, sav
 from inflora_dist.monitor import Monitor
 from inflora_dist.planner import collect_in_passes, plan_for
 from inflora_dist.runlock import RunDirectoryLocked, RunLock
-from inflora_dist.workloads import build_workload
+from inflora_dist.workloads import build_workload, score_task
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +86,6 @@ def memory_mb_per_rank() -> tuple[list[float], list[float]]:
 
 #: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
-_STATS = "class_stats."  # checkpoint tensor prefix of the class statistics
 _DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -218,9 +224,9 @@ class ContinualTrainer:
             tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
         tensors.update({n: b.cpu() for n, b in self.model.named_buffers() if n.endswith(("lora_A", "task_status"))})
         for g, memory in self.inflora.memories.items():
-            tensors[f"memory.{g}"] = memory.basis
+            tensors[f"{MEMORY_PREFIX}{g}"] = memory.basis
         if self.workload.statistics is not None:
-            tensors.update({f"{_STATS}{k}": v for k, v in self.workload.statistics.state_dict().items()})
+            tensors.update({f"{STATS_PREFIX}{k}": v for k, v in self.workload.statistics.state_dict().items()})
         meta = {
             "progress": asdict(self.progress),
             "matrices": {key: m.rows for key, m in self.matrices.items()},
@@ -253,20 +259,14 @@ class ContinualTrainer:
         if self.cfg.inflora.planned_tasks is None and "config" in meta:
             for memory in self.inflora.memories.values():  # the run's horizon holds for the tasks it gains
                 memory.num_tasks = self._saved_horizon(meta)
-        adapters = {n: t for n, t in tensors.items() if not n.startswith(("memory.", _STATS))}
-        missing = set(adapters) - set(self.model.state_dict())
-        if missing:
-            raise RuntimeError(f"checkpoint {path} does not fit this model: unknown tensors {sorted(missing)[:5]}")
-        self.model.load_state_dict(adapters, strict=False)
-        for layer in self.inflora.report.layers.values():
-            layer.reapply_merges()  # the pre-trained weights were just loaded afresh
+        restore_model_state(self.model, self.inflora.report.layers.values(), tensors, path)
         for g, memory in self.inflora.memories.items():
             memory.load_state_dict(
-                {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"memory.{g}"]}
+                {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"{MEMORY_PREFIX}{g}"]}
             )
         self.matrices = {key: AccuracyMatrix(rows, num_tasks=self.num_tasks) for key, rows in meta["matrices"].items()}
         if self.workload.statistics is not None:
-            self.workload.load_statistics({n[len(_STATS) :]: t for n, t in tensors.items() if n.startswith(_STATS)})
+            self.workload.load_statistics(class_statistics_state(tensors))
         self.joint = meta["joint"]
         self.timings = meta["timings"]
         self.progress = Progress(**meta["progress"])
@@ -444,14 +444,10 @@ class ContinualTrainer:
         engine.eval()
         rows: list[list[float]] = [[] for _ in self.workload.matrices]
         for j in range(upto + 1):
-            sums = torch.zeros(len(self.workload.matrices) + 1, dtype=torch.float64)
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
-            with torch.no_grad(), self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
-                for raw in loader:
-                    sums += self.workload.score(engine, raw, j, upto).cpu()
-                    bar.update(1)
-            sums = dist.all_reduce_sum_(sums.to(dist.collective_device()))  # collective
-            for row, value in zip(rows, self.workload.finish(sums), strict=True):
+            with self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
+                scores = score_task(self.workload, engine, loader, j, upto, bar)  # collective
+            for row, value in zip(rows, scores, strict=True):
                 row.append(value)
         return rows
 

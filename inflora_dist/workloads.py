@@ -24,7 +24,7 @@ match of label words, or ROUGE-L), in percent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class ImageClassification:
         self.statistics: ClassStatistics | None = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
         self.bucket_bytes = cfg.inflora.reduce_bucket_bytes  # the class sums reduce like the covariances
         self.task_names = [t.name for t in seq.tasks]
+        self.class_names = [n for t in seq.tasks for n in (t.class_names or [None] * len(t.classes or []))]
         self.preprocess = {"image_size": cfg.model.image_size, "channels": cfg.model.channels,
                            "mean": list(cfg.model.mean), "std": list(cfg.model.std)}  # fmt: skip
         self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
@@ -134,7 +135,13 @@ class ImageClassification:
         ZeRO-3."""
         export_merged_model(self.model, report, directory, prefix="backbone.", max_shard_size=max_shard_size)
         export_classifier_heads(
-            self.model.heads, directory, self.class_ids, self.offsets, self.task_names, self.preprocess
+            self.model.heads,
+            directory,
+            self.class_ids,
+            self.offsets,
+            self.task_names,
+            self.preprocess,
+            self.class_names,
         )
 
     # ------------------------------------------------------------ class statistics and alignment
@@ -293,6 +300,19 @@ class InstructionTuning:
 
 
 Workload = ImageClassification | InstructionTuning
+
+
+def score_task(workload: Workload, engine: Any, loader: Iterable[dict[str, Any]], task: int, upto: int,
+               bar: Any = None) -> list[float]:  # fmt: skip
+    """One score (%) per matrix of `workload` on the batches of `loader` (this rank's share of an eval split),
+    scored as task `task` of the run with tasks 0..`upto` learned. Collective (one all-reduce)."""
+    sums = torch.zeros(len(workload.matrices) + 1, dtype=torch.float64)
+    with torch.no_grad():
+        for raw in loader:
+            sums += workload.score(engine, raw, task, upto).cpu()
+            if bar is not None:
+                bar.update(1)
+    return workload.finish(dist.all_reduce_sum_(sums.to(dist.collective_device())))  # collective
 
 
 def build_workload(cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> Workload:

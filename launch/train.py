@@ -12,16 +12,13 @@ handled with a checkpoint: run again with resume=auto to continue.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
 import logging
 import os
 import signal
 import sys
 
-import torch.distributed as dist
-
 from inflora_dist.config import load_run_config
+from inflora_dist.engine import shutdown_distributed
 from inflora_dist.loop import ContinualTrainer
 
 
@@ -45,18 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # A late pre-emption signal (SLURM repeats it) must not kill a run that is finishing anyway.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-        remove_shm_buffers()
-
-
-def remove_shm_buffers() -> None:
-    """DeepSpeed's CPU all-reduce (under its own launcher) leaves a 66 MB /dev/shm buffer per rank: remove ours."""
-    addr, port, local = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local}"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

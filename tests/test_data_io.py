@@ -290,3 +290,5 @@ def test_imagefolder_source(tmp_path, fmnist):
     batch = next(iter(TaskLoader(open_task(config, 0, "train", batch_size=4, mode="exact", rank=0, world_size=1))))
     assert batch["jpg"].shape == (4, 32, 32, 3) and batch["jpg"].dtype == torch.uint8
     assert set(batch["cls"].tolist()) <= set(config.tasks[0].classes)
+    for task in config.tasks:  # the folder names name the classes
+        assert task.class_names == [f"class{c}" for c in task.classes]

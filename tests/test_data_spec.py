@@ -89,3 +89,25 @@ def test_dotlist_overrides_apply():
 def test_unknown_override_key_is_named():
     with pytest.raises(ValueError, match=r"unknown key 'trian' in TaskSpec \(at 'tasks\[0\].trian'\)"):
         load_task_sequence(BASE, overrides=["tasks.0.trian=1"])
+
+
+def test_class_names_name_each_class():
+    seq = load_task_sequence(spec(tasks__0__class_names=["cat", "dog"]))
+    assert seq.tasks[0].class_names == ["cat", "dog"] and seq.tasks[1].class_names is None
+    with pytest.raises(
+        ValueError, match=r"tasks\[0\] \('a'\)\.class_names must name each of its 2 classes, got \['cat'\]"
+    ):
+        load_task_sequence(spec(tasks__0__class_names=["cat"]))
+
+
+def test_a_continuation_keeps_the_runs_tasks_first():
+    """The check of an extended run's sequence file (pure): the first difference, or a missing task."""
+    from inflora_dist.data.spec import continuation_error
+
+    run = [{"name": "a", "classes": [0, 1], "class_names": None}, {"name": "b", "classes": [2, 3]}]
+    assert continuation_error(run, [*run, {"name": "c", "classes": [4]}]) == ""
+    renamed = [{**run[0], "class_names": ["cat", "dog"]}, run[1]]  # names are labels: they may be added
+    assert continuation_error(run, renamed) == ""
+    changed = [run[0], {"name": "b", "classes": [3, 2]}, {"name": "c"}]
+    assert continuation_error(run, changed) == "task 1 ('b') differs in classes: [2, 3] -> [3, 2]"
+    assert "it has 1 tasks, the run has 2" in continuation_error(run, run[:1])

@@ -123,3 +123,45 @@ def test_other_causal_lm_families_train(shards, tmp_path, family, targets):
     metrics, state = results(out)
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert any(".A.2" in name for name in state)
+
+
+def test_evaluate_and_predict_use_the_trained_llm(runs, shards, tmp_path):
+    """`evaluate` on the run's tasks gives its last row (torchrun, 2 processes, ZeRO-3); `predict --prompts` answers
+    as plain transformers generating greedily from the run's merged export."""
+    import subprocess
+    import sys
+
+    from trainer_runs import env
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inflora_dist.data.text import collate_prompts
+    from inflora_dist.dist import free_port
+
+    run = runs(2, 3)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
+    evaluate = ["inflora_dist.evaluate", "--run-dir", str(run), "--tasks", str(shards / "tasks.yaml")]
+    args = [*launcher, *evaluate, "--out", str(tmp_path / "eval.json")]
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["scores"]["accuracy"] == results(run)[0]["accuracy_matrix"][-1]
+    assert result["task_metrics"] == ["exact_match", "exact_match", "rouge_l"]
+
+    prompts = ["Classify the sentiment: what a lovely day", "Who wrote Hamlet?"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    proc = subprocess.run([sys.executable, "-m", "inflora_dist.predict", "--run", str(run), "--prompts",
+                           str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "6"],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [a["prompt"] for a in answers] == prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "model"))
+    model = AutoModelForCausalLM.from_pretrained(str(run / "model")).eval()
+    for prompt, got in zip(prompts, answers, strict=True):
+        ids = collate_prompts(tokenizer, [{"prompt": prompt}], max_length=96)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert got["answer"] == expected, prompt

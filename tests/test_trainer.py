@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from trainer_runs import REPO, command, env, heads_and_statistics, results, tiny_shards, train
 
@@ -304,3 +305,92 @@ def test_simple_cil_is_the_prototype_classifier_of_the_frozen_backbone(shards, t
     means = torch.nn.functional.normalize(tensors["stats.means"], dim=-1)
     torch.testing.assert_close(tensors["heads.2.weight"], means[4:6])
     assert not tensors["heads.0.bias"].any()
+
+
+def _evaluate(nproc: int, run: Path, tasks: Path, out: Path) -> subprocess.CompletedProcess:
+    # --run-dir: under torchrun, --run would be taken by torchrun's own parser (an abbreviation of --run-path)
+    module = ["-m", "inflora_dist.evaluate", "--run-dir", str(run), "--tasks", str(tasks), "--out", str(out)]
+    if nproc == 1:
+        args = [sys.executable, *module]
+    else:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        args = [str(torchrun), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *module]
+    return subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("nproc", "stage"), [(1, 0), (2, 3)])
+def test_evaluate_scores_a_run_as_its_own_evaluation_did(runs, shards, tmp_path, nproc, stage):
+    """`python -m inflora_dist.evaluate` (1 process; torchrun 2 under the run's ZeRO-3) on the run's own tasks gives
+    the last row of each of its matrices; on a sequence of one of them, that task's scores."""
+    run = runs(nproc, stage)
+    proc = _evaluate(nproc, run, shards / "tasks.yaml", tmp_path / "all.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "all.json").read_text())
+    metrics = results(run)[0]
+    assert result["learned_tasks"] == ["task0", "task1", "task2"] and result["tasks"] == result["learned_tasks"]
+    for key, scores in result["scores"].items():
+        assert scores == metrics[f"{key}_matrix"][-1], key
+    assert result["average"]["accuracy"] == pytest.approx(metrics["avg_acc"])
+    assert "task_incremental_accuracy" in proc.stdout and "average" in proc.stdout  # the printed table
+
+    spec = yaml.safe_load((shards / "tasks.yaml").read_text())
+    spec["tasks"] = spec["tasks"][1:2]
+    one = tmp_path / "task1.yaml"
+    one.write_text(yaml.safe_dump(spec))
+    assert _evaluate(1, run, one, tmp_path / "one.json").returncode == 0
+    result = json.loads((tmp_path / "one.json").read_text())
+    assert {k: v[0] for k, v in result["scores"].items()} == {
+        k: metrics[f"{k}_matrix"][-1][1] for k in result["scores"]
+    }
+
+
+def test_evaluate_refuses_classes_the_run_has_not_learned(runs, shards, tmp_path):
+    spec = yaml.safe_load((shards / "tasks.yaml").read_text())
+    learned = [c for t in spec["tasks"] for c in t["classes"]]
+    unknown = next(c for c in range(10) if c not in learned)
+    spec["tasks"][0]["classes"] = [spec["tasks"][0]["classes"][0], unknown]
+    spec["tasks"][0]["class_names"] = None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    proc = _evaluate(1, runs(1, 0), bad, tmp_path / "bad.json")
+    assert proc.returncode != 0
+    assert f"tasks[0] ('task0') has classes [{unknown}] that the run has not learned" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+
+
+def test_predict_prints_the_class_the_merged_export_predicts(runs, shards, tmp_path):
+    """`python -m inflora_dist.predict` on PNG files of eval images: the class name and probability that plain
+    transformers computes from the run's merged export (model/, heads.safetensors, classes.json)."""
+    from PIL import Image
+    from transformers import AutoModel
+
+    from inflora_dist.data import load_task_sequence, open_task
+
+    seq = load_task_sequence(str(shards / "tasks.yaml"))
+    images, paths = [], []
+    for task in range(3):
+        batch = next(iter(open_task(seq, task, "eval", batch_size=4, mode="exact", seed=0)))
+        for image in batch["npy"]:
+            paths.append(str(tmp_path / f"image{len(paths)}.png"))
+            Image.fromarray(image.numpy()).save(paths[-1])
+            images.append(image)
+    proc = subprocess.run([sys.executable, "-m", "inflora_dist.predict", "--run", str(runs(1, 0)), *paths],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [line[0] for line in lines] == paths  # stdout holds the results only
+
+    export = runs(1, 0) / "model"
+    backbone = AutoModel.from_pretrained(str(export)).eval()
+    heads = load_file(str(export / "heads.safetensors"))
+    classes = json.loads((export / "classes.json").read_text())
+    p = classes["preprocess"]
+    x = (torch.stack(images).float().unsqueeze(1) / 255.0 - p["mean"][0]) / p["std"][0]
+    with torch.no_grad():
+        feats = backbone(pixel_values=x).last_hidden_state[:, 0]
+    logits = torch.cat([feats @ heads[f"{t}.weight"].T + heads[f"{t}.bias"] for t in range(3)], dim=1)
+    probs, best = torch.softmax(logits, dim=1).max(dim=1)
+    assert [line[1] for line in lines] == [classes["class_names"][i] for i in best.tolist()]
+    assert "Trouser" in classes["class_names"] or "Bag" in classes["class_names"]  # Fashion-MNIST's own names
+    torch.testing.assert_close(torch.tensor([float(line[2]) for line in lines]), probs, rtol=0, atol=1e-4)

@@ -254,8 +254,11 @@ def build_classification(
     shard_size: int = 1000,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    class_names: Sequence[str] | None = None,
 ) -> TaskSequenceConfig:
     """A class-incremental sequence from (images, labels); returns the written task sequence.
+
+    `class_names[c]` names class id c (written to each task's `class_names`).
 
     `images` is an array (samples stored as `.npy`) or anything indexable
     giving encoded JPEG bytes, such as ImageFolder (stored as `.jpg`). Each
@@ -283,7 +286,10 @@ def build_classification(
                 shards = _write_split(out, f"{split}/{name}", list(samples), shard_size, storage_options, bar)
                 splits[split] = _split_spec(shards)
                 all_shards.extend(shards)
-            config.tasks.append(TaskSpec(name=name, classes=classes, train=splits["train"], eval=splits["eval"]))
+            names = [class_names[c] for c in classes] if class_names else None
+            config.tasks.append(
+                TaskSpec(name=name, classes=classes, class_names=names, train=splits["train"], eval=splits["eval"])
+            )
     _finish(out, config, all_shards, storage_options)
     return config
 
@@ -352,7 +358,8 @@ def build_instruction(
 
 
 # ---------------------------------------------------------------- CLI
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value_option(text: str) -> tuple[str, Any]:
+    """An argparse KEY=VALUE option; the value is parsed as JSON when it is JSON (numbers, booleans)."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -371,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
         s.add_argument("--seed", type=int, default=0, help="seed of the class order and sample selection")
         s.add_argument(
-            "-o", "--storage-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+            "-o", "--storage-option", type=key_value_option, action="append", default=[], metavar="KEY=VALUE",
             help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000 (repeatable)",
         )  # fmt: skip
         s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -395,6 +402,7 @@ def _parser() -> argparse.ArgumentParser:
     ar = sub.add_parser("arrays", help=".npy image and label arrays -> class-incremental tasks")
     for name in ("train-images", "train-labels", "eval-images", "eval-labels"):
         ar.add_argument(f"--{name}", required=True, help=f"{name.replace('-', ' ')} (.npy)")
+    ar.add_argument("--class-names", default=None, help="comma-separated names of class ids 0, 1, ... (optional)")
     classification(ar)
     js = sub.add_parser(
         "records", aliases=["jsonl"], help=f"prompt/response records -> instruction tasks: {RECORD_FORMATS}"
@@ -406,7 +414,7 @@ def _parser() -> argparse.ArgumentParser:
     js.add_argument("--split", default=None, help="the split of a saved DatasetDict (e.g. train)")
     js.add_argument("--eval-fraction", type=float, default=0.1)
     js.add_argument(
-        "--metric", type=_key_value, action="append", default=[], metavar="TASK=METRIC",
+        "--metric", type=key_value_option, action="append", default=[], metavar="TASK=METRIC",
         help=f"scoring of a task, one of {METRICS} (default exact_match)",
     )  # fmt: skip
     common(js)
@@ -445,10 +453,11 @@ def _image_folders(args: argparse.Namespace) -> dict[str, Any]:
         if evaluation.classes != train.classes:
             raise ValueError(f"{args.eval_root} and {args.root} have different class folders")
         return {"train_images": train, "train_labels": train.labels, "eval_images": evaluation,
-                "eval_labels": evaluation.labels}  # fmt: skip
+                "eval_labels": evaluation.labels, "class_names": train.classes}  # fmt: skip
     tr, ev = split_indices(len(train), args.eval_fraction, args.seed)
     return {"train_images": _Subset(train, tr), "train_labels": train.labels[tr],
-            "eval_images": _Subset(train, ev), "eval_labels": train.labels[ev]}  # fmt: skip
+            "eval_images": _Subset(train, ev), "eval_labels": train.labels[ev],
+            "class_names": train.classes}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
@@ -471,12 +480,14 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
         config = build_instruction(records, args.out, eval_fraction=args.eval_fraction, metrics=metrics, **common)
     else:
         if args.command == "fashion-mnist":
-            data = load_fashion_mnist(args.source)
+            data, names = load_fashion_mnist(args.source), FASHION_MNIST_CLASSES
         elif args.command == "imagefolder":
             data = _image_folders(args)
+            names = data.pop("class_names")
         else:
             keys = ("train_images", "train_labels", "eval_images", "eval_labels")
             data = {k: np.load(getattr(args, k), allow_pickle=False) for k in keys}
+            names = args.class_names.split(",") if args.class_names else None
         config = build_classification(
             (data["train_images"], data["train_labels"]),
             (data["eval_images"], data["eval_labels"]),
@@ -485,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
             classes_per_task=args.classes_per_task,
             train_per_class=args.train_per_class,
             eval_per_class=args.eval_per_class,
+            class_names=names,
             **common,
         )
     logger.info("wrote %d tasks to %s (task sequence: %s)", len(config.tasks), args.out, config.url("tasks.yaml"))

@@ -8,6 +8,7 @@
     tasks:
       - name: task0
         classes: [3, 7]
+        class_names: [Dress, Sneaker]   # optional: what predict prints
         train: {shards: "train/task0-{000000..000003}.tar", samples: 2400}
         eval: {shards: [eval/task0-000000.tar], samples: 400}
 
@@ -58,6 +59,7 @@ class TaskSpec:
     train: SplitSpec = field(default_factory=SplitSpec)
     eval: SplitSpec = field(default_factory=SplitSpec)
     classes: list[int] | None = None
+    class_names: list[str] | None = None  # optional, one per class: what predictions print
     instruction: InstructionSpec | None = None
 
 
@@ -116,7 +118,7 @@ def task_records(seq: TaskSequenceConfig, index: Mapping[str, Any]) -> list[dict
     shards = index.get("shards", {})
     records = []
     for i, task in enumerate(seq.tasks):
-        record = {"name": task.name, "classes": task.classes,
+        record = {"name": task.name, "classes": task.classes, "class_names": task.class_names,
                   "instruction": asdict(task.instruction) if task.instruction else None,
                   "train_samples": task.train.samples, "eval_samples": task.eval.samples}  # fmt: skip
         for split in ("train", "eval"):
@@ -129,7 +131,8 @@ def continuation_error(saved: Sequence[Mapping[str, Any]], current: Sequence[Map
     """'' if the `current` task records start with all of the `saved` ones (the same sequence, or one that
     continues it), else what breaks that: the first differing task and field. Pure.
 
-    Fields a record saved by an older version lacks are not compared.
+    Fields a record saved by an older version lacks are not compared, nor the class names (labels for
+    display, which a continuation may add or fix).
     """
     for i, old in enumerate(saved):
         if i >= len(current):
@@ -138,7 +141,7 @@ def continuation_error(saved: Sequence[Mapping[str, Any]], current: Sequence[Map
                 f"run, the first missing one is task {i} ({old['name']!r})"
             )
         for key, value in old.items():
-            if current[i].get(key) != value:
+            if key != "class_names" and current[i].get(key) != value:
                 return f"task {i} ({old['name']!r}) differs in {key}: {value!r} -> {current[i].get(key)!r}"
     return ""
 
@@ -197,6 +200,10 @@ def validate(config: TaskSequenceConfig) -> None:
                 raise ValueError(f"{where} is a classification task but sets instruction")
             if len(set(task.classes)) != len(task.classes) or min(task.classes) < 0:
                 raise ValueError(f"{where}.classes must be distinct ids >= 0, got {task.classes}")
+            if task.class_names is not None and len(task.class_names) != len(task.classes):
+                raise ValueError(
+                    f"{where}.class_names must name each of its {len(task.classes)} classes, got {task.class_names}"
+                )
         else:
             if task.instruction is None:
                 raise ValueError(f"{where}.instruction is missing: an instruction task needs its format")

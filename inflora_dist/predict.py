@@ -1,0 +1,125 @@
+"""Use a trained run: classify images, or answer prompts.
+
+    python -m inflora_dist.predict --run runs/demo shoe.png bag.jpg [--top-k 3]
+    python -m inflora_dist.predict --run runs/demo_llm --prompt "Is this tweet positive or negative? ..."
+    python -m inflora_dist.predict --run runs/demo_llm --prompts questions.jsonl > answers.jsonl
+
+A vision run prints one line per image: the path, the predicted class's name
+(the task spec's `class_names`, else `class <id>`) and its probability, the
+softmax over every class the run has learned (class-incremental prediction:
+no task id is needed); `--top-k` adds the runners-up. An LLM run prints the
+greedy answer to each `--prompt`; a JSONL file of `{"prompt": ..., "task":
+...}` records (`task`: the run's task whose system prompt to use) gives a
+JSONL of `{"prompt", "answer"}`. The model is the run's after its newest
+finished task (trained.py); only safetensors, JSON and YAML are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inflora_dist.engine import shutdown_distributed
+from inflora_dist.trained import TrainedRun
+
+logger = logging.getLogger(__name__)
+
+
+def read_image(path: str | Path, channels: int) -> torch.Tensor:
+    """An image file as uint8 (1, H, W) for a one-channel model, else (1, H, W, 3): what the model preprocesses."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    return torch.from_numpy(array.copy()).unsqueeze(0)
+
+
+def classify(trained: TrainedRun, paths: Sequence[str], top_k: int = 1) -> list[list[tuple[str, float]]]:
+    """For each image, the `top_k` (class name, probability) pairs over every learned class, best first."""
+    workload = trained.workload
+    named = zip(workload.class_ids, workload.class_names, strict=True)
+    names = [name or f"class {c}" for c, name in named][: workload.offsets[trained.upto + 1]]
+    out = []
+    with torch.no_grad():
+        for path in paths:
+            image = read_image(path, workload.model.channels).to(trained.device)
+            probs = torch.softmax(trained.engine(image, upto=trained.upto).float(), dim=1)[0]
+            top = probs.topk(min(top_k, len(names)))
+            out.append([(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
+    return out
+
+
+def answer(trained: TrainedRun, rows: Sequence[dict[str, str]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to `rows` ({"prompt", "task"}), in batches of the run's eval batch size."""
+    known = {r["name"] for r in trained.records}
+    for row in rows:
+        if row.get("task") and row["task"] not in known:
+            raise ValueError(f"task {row['task']!r} is not one of the run's tasks {sorted(known)}")
+    size = trained.cfg.train.eval_batch_size
+    answers: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), size):
+            answers += trained.workload.generate(trained.engine, rows[start : start + size], max_new_tokens)
+    return answers
+
+
+def _prompt_rows(args: argparse.Namespace) -> list[dict[str, str]]:
+    rows = [{"prompt": p, "task": args.task or ""} for p in args.prompt]
+    if args.prompts:
+        for n, line in enumerate(Path(args.prompts).read_text().splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                    raise ValueError(f"{args.prompts}:{n}: expected a JSON object with a string 'prompt'")
+                rows.append({"prompt": record["prompt"], "task": record.get("task") or args.task or ""})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inflora_dist.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's output_dir")
+    parser.add_argument("images", nargs="*", help="image files to classify (vision runs)")
+    parser.add_argument("--top-k", type=int, default=1, help="classes to print per image (1)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt to answer (LLM runs); repeatable")
+    parser.add_argument("--prompts", default=None, help='JSONL of {"prompt": ..., "task": ...} to answer')
+    parser.add_argument("--task", default=None, help="the run's task whose system prompt the prompts use")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (the run's max_new_tokens)")
+    parser.add_argument("--checkpoint", default=None, help="a task-boundary checkpoint dir (default: the newest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prompting = bool(args.prompt or args.prompts)
+    if prompting == bool(args.images):
+        parser.error("give image files (a vision run) or --prompt/--prompts (an LLM run)")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    missing = [p for p in [*args.images, *([args.prompts] if args.prompts else [])] if not Path(p).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's start-up prints: stdout carries the results
+        trained = TrainedRun(args.run, args.checkpoint)
+    llm = trained.cfg.model.kind == "causal_lm"
+    if llm != prompting:
+        kind = "an LLM" if llm else "a vision"
+        parser.error(f"{args.run} is {kind} run: give {'--prompt/--prompts' if llm else 'image files'}")
+    if llm:
+        rows = _prompt_rows(args)
+        answers = answer(trained, rows, args.max_new_tokens or trained.cfg.model.max_new_tokens)
+        for row, text in zip(rows, answers, strict=True):
+            print(json.dumps({"prompt": row["prompt"], "answer": text}) if args.prompts else text)
+    else:
+        for path, best in zip(args.images, classify(trained, args.images, args.top_k), strict=True):
+            print("\t".join([path, *(f"{name}\t{p:.4f}" for name, p in best)]))
+    shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

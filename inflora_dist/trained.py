@@ -1,0 +1,121 @@
+"""A trained run, rebuilt from its directory for evaluation and prediction.
+
+    <run>/config.yaml                        the resolved config the run wrote
+    <run>/checkpoints/NNNNNN-taskT-done/     its newest task-boundary checkpoint that verifies (or one named)
+
+The model is built as the run built it (pre-trained weights from their local
+directory, InfLoRA layers with the run's task slots, one head per task of the
+run), then the checkpoint's adapters, heads and class statistics are loaded
+and the merged branches added back: the model of the run after its last
+finished task. Only safetensors, JSON and YAML are read; nothing is
+unpickled (the checkpoint's DeepSpeed engine files, mid-task only, are not
+touched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, class_statistics_state, restore_model_state
+from inflora_dist.config import RunConfig, load_run_config
+from inflora_dist.data.spec import InstructionSpec, TaskSequenceConfig, TaskSpec
+from inflora_dist.engine import build_inference_engine, init_distributed
+from inflora_dist.inject import inject_inflora
+from inflora_dist.workloads import Workload, build_workload
+
+logger = logging.getLogger(__name__)
+
+
+def task_boundary_checkpoint(run: Path) -> Path:
+    """The newest `*-done` checkpoint of `run` that verifies; corrupt ones are skipped with a warning. Collective."""
+    root = run / "checkpoints"
+    candidates = [p for p in Checkpointer(root).complete() if p.name.endswith("-done")]
+    if not candidates:
+        raise FileNotFoundError(
+            f"{root} holds no task-boundary checkpoint (*-done): the run has not finished its first task"
+        )
+    for path in reversed(candidates):
+        try:
+            Checkpointer.verify_once_per_node(path)  # collective
+            return path
+        except CheckpointCorrupt as err:
+            logger.warning("skipping a corrupt checkpoint: %s", err)
+    raise CheckpointCorrupt(f"none of the {len(candidates)} task-boundary checkpoints in {root} verifies")
+
+
+def _run_sequence(records: list[dict[str, Any]], kind: str) -> TaskSequenceConfig:
+    """The run's tasks as a sequence without data: what the model's heads and the class map are built from."""
+    tasks = [
+        TaskSpec(
+            name=r["name"],
+            classes=r.get("classes"),
+            class_names=r.get("class_names"),
+            instruction=InstructionSpec(**r["instruction"]) if r.get("instruction") else None,
+        )
+        for r in records
+    ]
+    return TaskSequenceConfig(kind="instruction" if kind == "causal_lm" else "classification", tasks=tasks)
+
+
+class TrainedRun:
+    """The model of a run directory after its last finished task, in an inference engine.
+
+    `workload_sequence` replaces the run's own tasks in the workload of an LLM
+    run (their instruction formats: system prompts, label words); a vision
+    workload is always built from the run's tasks (its heads and classes).
+    Collective: every rank builds the same model.
+    """
+
+    def __init__(
+        self,
+        run: str | Path,
+        checkpoint: str | Path | None = None,
+        overrides: list[str] | None = None,
+        workload_sequence: TaskSequenceConfig | None = None,
+    ) -> None:
+        self.run = Path(run)
+        config = self.run / "config.yaml"
+        if not config.exists():
+            raise FileNotFoundError(f"{config} not found: --run must be a run's output_dir")
+        self.cfg: RunConfig = load_run_config(str(config), overrides or [])
+        self.device = init_distributed(self.cfg.deepspeed.collective_timeout_s)
+        if checkpoint is None:
+            self.checkpoint = task_boundary_checkpoint(self.run)
+        else:
+            self.checkpoint = Path(checkpoint)
+            Checkpointer.verify_once_per_node(self.checkpoint)  # collective
+        self.meta = json.loads((self.checkpoint / "state.json").read_text())
+        if self.meta["progress"]["phase"] != "start":
+            raise ValueError(f"{self.checkpoint} was written mid-task: use a task-boundary checkpoint (*-done)")
+        self.records: list[dict[str, Any]] = self.meta["task_sequence"]
+        self.sequence = _run_sequence(self.records, self.cfg.model.kind)
+        stages = 1 if self.cfg.method == "joint" else len(self.records)
+        finished = self.meta["progress"]["task"]  # stages finished
+        #: the tasks the model has learned, in order (all of them for joint)
+        self.learned = [r["name"] for r in self.records] if self.cfg.method == "joint" else [
+            r["name"] for r in self.records[:finished]
+        ]  # fmt: skip
+        seq = workload_sequence if workload_sequence is not None and self.cfg.model.kind == "causal_lm" else None
+        self.workload: Workload = build_workload(self.cfg, seq or self.sequence, self.device)
+        report = inject_inflora(
+            self.workload.model, self.cfg.inflora.targets, self.cfg.inflora.rank, stages,
+            fold=self.cfg.inflora.fold, layers_to_transform=self.cfg.inflora.layers_to_transform,
+        )  # fmt: skip
+        tensors = load_file(str(self.checkpoint / "state.safetensors"))
+        restore_model_state(self.workload.model, report.layers.values(), tensors, self.checkpoint)
+        if self.workload.statistics is not None:
+            self.workload.load_statistics(class_statistics_state(tensors))
+        self.report = report
+        self.engine = build_inference_engine(self.workload.model, self.cfg)  # collective
+        logger.info("%s: %d learned tasks (%s) from %s", self.run, len(self.learned), ", ".join(self.learned),
+                    self.checkpoint.name)  # fmt: skip
+
+    @property
+    def upto(self) -> int:
+        """The index of the last learned task: scores use heads 0..upto."""
+        return len(self.learned) - 1
