@@ -394,3 +394,19 @@ def test_predict_prints_the_class_the_merged_export_predicts(runs, shards, tmp_p
     assert [line[1] for line in lines] == [classes["class_names"][i] for i in best.tolist()]
     assert "Trouser" in classes["class_names"] or "Bag" in classes["class_names"]  # Fashion-MNIST's own names
     torch.testing.assert_close(torch.tensor([float(line[2]) for line in lines]), probs, rtol=0, atol=1e-4)
+
+
+def test_export_model_cli_writes_what_the_run_exported(runs, tmp_path):
+    """`python -m inflora_dist.export_model` on a finished ZeRO-3 run (here one process): the files the run's own
+    export.merged_model wrote, tensor for tensor."""
+    run = runs(2, 3)
+    args = [sys.executable, "-m", "inflora_dist.export_model", "--run", str(run), "--out", str(tmp_path / "model")]
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for file in ("model.safetensors", "heads.safetensors"):
+        ref, got = load_file(str(run / "model" / file)), load_file(str(tmp_path / "model" / file))
+        assert sorted(got) == sorted(ref), file
+        for name, tensor in got.items():
+            assert torch.equal(tensor, ref[name]), name
+    for file in ("classes.json", "config.json"):
+        assert json.loads((tmp_path / "model" / file).read_text()) == json.loads((run / "model" / file).read_text())

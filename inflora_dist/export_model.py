@@ -1,0 +1,49 @@
+"""Write the merged model of an existing run: what `export.merged_model: true` writes at the end of training.
+
+    python -m inflora_dist.export_model --run runs/demo [--out DIR] [--max-shard-size 5GB]
+    torchrun --nproc_per_node 8 -m inflora_dist.export_model --run-dir runs/llm   # a ZeRO-3 run, gathered
+
+`<run>/model/` (or `--out`) becomes a plain transformers checkpoint with every
+learned branch merged into the weights (W + sum_t B_t A_t, in the base dtype,
+sharded safetensors), with the tokenizer for an LLM, and `heads.safetensors` +
+`classes.json` for a vision run. The model is the run's after its newest
+finished task (trained.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from inflora_dist import dist
+from inflora_dist.engine import shutdown_distributed
+from inflora_dist.trained import TrainedRun
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inflora_dist.export_model", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's output_dir")
+    parser.add_argument("--out", default=None, help="directory to write (default: <run>/model)")
+    parser.add_argument("--max-shard-size", default=None, help="safetensors shard size (default: the run's export)")
+    parser.add_argument("--checkpoint", default=None, help="a task-boundary checkpoint dir (default: the newest)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    trained = TrainedRun(args.run, args.checkpoint)
+    out = Path(args.out or trained.run / "model")
+    shard = args.max_shard_size or trained.cfg.export.max_shard_size
+    trained.workload.export_model(trained.report, out, shard)  # collective under ZeRO-3
+    if dist.is_main_process():
+        print(f"wrote {out} ({', '.join(trained.learned)} merged)", flush=True)
+    shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
