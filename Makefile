@@ -65,6 +65,7 @@ test: install assets cluster-deps
 # The main job on the embedded default: DINOv2 ViT-S/14 learning Fashion-MNIST in 5 tasks.
 demo: install assets
 	$(PY) launch/train.py --config configs/demo_vit.yaml
+	$(PY) -m inflora_dist.data.samples runs/shards/demo_fmnist_5x2/tasks.yaml --out runs/demo/samples
 
 # The LLM default: SmolLM2-135M-Instruct learning 3 packaged instruction tasks in sequence.
 demo-llm: install assets

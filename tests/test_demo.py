@@ -8,12 +8,14 @@ same InfLoRA run without it: the test fails if alignment did nothing).
 
 It trains at lr 5e-3 (the demo: 1e-3): there unprotected adapters overwrite what old tasks use, the
 regime where InfLoRA's protection shows. At the demo's lr seq-LoRA forgets little on this short run
-(README, "The demo").
+(docs/vision.md, "How the demo config was chosen").
 """
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +65,33 @@ def test_short_demo_inflora_forgets_less_and_alignment_helps(tmp_path, capsys, m
     assert ca["ncm_avg_acc"] == inflora["ncm_avg_acc"], figures
     assert ca["avg_acc"] > inflora["avg_acc"] + 10, figures
     assert ca["til_avg_acc"] > 85, figures  # the aligned heads still tell each task's classes apart
+
+    _readme_quick_start_uses(tmp_path / "inflora_ca", tmp_path / "shards" / "tasks.yaml")
+
+
+def _readme_quick_start_uses(run: Path, tasks: Path) -> None:
+    """The README's quick-start lines that use the trained model (predict, evaluate, plain transformers load), run
+    as written on this demo run (its paths swapped in), after the samples `make demo` writes."""
+    from trainer_runs import env
+
+    from inflora_dist.data import load_task_sequence
+    from inflora_dist.data.samples import write_sample_images
+
+    write_sample_images(load_task_sequence(str(tasks)), run / "samples")
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"\*\*Use the trained model\*\*.*?```bash\n(.*?)```", readme, flags=re.S).group(1)
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert [line.split()[:3] for line in lines[:2]] == [["python", "-m", "inflora_dist.predict"],
+                                                        ["python", "-m", "inflora_dist.evaluate"]]  # fmt: skip
+    outputs = []
+    for line in lines:
+        command = line.replace("runs/shards/demo_fmnist_5x2/tasks.yaml", str(tasks)).replace("runs/demo", str(run))
+        proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        outputs.append(proc.stdout)
+    predictions = [row.split("\t") for row in outputs[0].splitlines()]
+    assert len(predictions) == 2 and all(len(row) == 3 and 0 < float(row[2]) <= 1 for row in predictions)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert evaluation["scores"]["accuracy"] == metrics["accuracy_matrix"][-1]
+    assert outputs[2].strip() == "dinov2"

@@ -362,19 +362,16 @@ def test_evaluate_refuses_classes_the_run_has_not_learned(runs, shards, tmp_path
 def test_predict_prints_the_class_the_merged_export_predicts(runs, shards, tmp_path):
     """`python -m inflora_dist.predict` on PNG files of eval images: the class name and probability that plain
     transformers computes from the run's merged export (model/, heads.safetensors, classes.json)."""
+    import numpy as np
     from PIL import Image
     from transformers import AutoModel
 
-    from inflora_dist.data import load_task_sequence, open_task
+    from inflora_dist.data import load_task_sequence
+    from inflora_dist.data.samples import write_sample_images
 
-    seq = load_task_sequence(str(shards / "tasks.yaml"))
-    images, paths = [], []
-    for task in range(3):
-        batch = next(iter(open_task(seq, task, "eval", batch_size=4, mode="exact", seed=0)))
-        for image in batch["npy"]:
-            paths.append(str(tmp_path / f"image{len(paths)}.png"))
-            Image.fromarray(image.numpy()).save(paths[-1])
-            images.append(image)
+    paths = [str(p) for p in write_sample_images(load_task_sequence(str(shards / "tasks.yaml")), tmp_path, 3)]
+    assert len(paths) == 18 and any("-Trouser-" in p or "-Bag-" in p for p in paths)  # 3 per class, named
+    images = [torch.from_numpy(np.asarray(Image.open(p))) for p in paths]
     proc = subprocess.run([sys.executable, "-m", "inflora_dist.predict", "--run", str(runs(1, 0)), *paths],
                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
