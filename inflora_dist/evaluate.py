@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from inflora_dist import dist
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import key_value_option
 from inflora_dist.engine import shutdown_distributed
-from inflora_dist.trained import TrainedRun
+from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 from inflora_dist.workloads import score_task
 
 logger = logging.getLogger(__name__)
@@ -115,18 +114,14 @@ def format_report(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inflora_dist.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's output_dir")
+    add_run_arguments(parser)
     parser.add_argument("--tasks", required=True, help="task-sequence YAML (any fsspec URL) whose eval splits to score")
-    parser.add_argument("--checkpoint", default=None, help="a task-boundary checkpoint dir (default: the newest)")
     parser.add_argument("--out", default=None, help="metrics JSON to write (default: <run>/evaluation.json)")
     parser.add_argument("-o", "--storage-option", type=key_value_option, action="append", default=[],
                         metavar="KEY=VALUE", help="fsspec storage option of the task sequence")  # fmt: skip
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="evaluation settings of the run's config (key=value)")
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    configure_logging()
     tasks = load_task_sequence(args.tasks, storage_options=dict(args.storage_option) or None)
     trained = TrainedRun(args.run, args.checkpoint, args.overrides, workload_sequence=tasks)
     result = evaluate(trained, tasks, trained.cfg.train.eval_batch_size)

@@ -13,28 +13,22 @@ finished task (trained.py).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from inflora_dist import dist
 from inflora_dist.engine import shutdown_distributed
-from inflora_dist.trained import TrainedRun
+from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inflora_dist.export_model", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's output_dir")
+    add_run_arguments(parser)
     parser.add_argument("--out", default=None, help="directory to write (default: <run>/model)")
     parser.add_argument("--max-shard-size", default=None, help="safetensors shard size (default: the run's export)")
-    parser.add_argument("--checkpoint", default=None, help="a task-boundary checkpoint dir (default: the newest)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    configure_logging()
     trained = TrainedRun(args.run, args.checkpoint)
     out = Path(args.out or trained.run / "model")
     shard = args.max_shard_size or trained.cfg.export.max_shard_size

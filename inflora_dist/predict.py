@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from inflora_dist.engine import shutdown_distributed
-from inflora_dist.trained import TrainedRun
+from inflora_dist.trained import TrainedRun, add_run_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,13 @@ def _prompt_rows(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inflora_dist.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's output_dir")
+    add_run_arguments(parser)
     parser.add_argument("images", nargs="*", help="image files to classify (vision runs)")
     parser.add_argument("--top-k", type=int, default=1, help="classes to print per image (1)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to answer (LLM runs); repeatable")
     parser.add_argument("--prompts", default=None, help='JSONL of {"prompt": ..., "task": ...} to answer')
     parser.add_argument("--task", default=None, help="the run's task whose system prompt the prompts use")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="answer length (the run's max_new_tokens)")
-    parser.add_argument("--checkpoint", default=None, help="a task-boundary checkpoint dir (default: the newest)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prompting = bool(args.prompt or args.prompts)

@@ -14,8 +14,10 @@ touched).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,21 @@ from inflora_dist.inject import inject_inflora
 from inflora_dist.workloads import Workload, build_workload
 
 logger = logging.getLogger(__name__)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that reads a run: --run (alias --run-dir: under torchrun or deepspeed, whose
+    own parsers take --run as an abbreviation of --run-path), --checkpoint, and the launcher's --local_rank."""
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="the run's output_dir")
+    parser.add_argument("--checkpoint", default=None, help="a task-boundary checkpoint dir (default: the newest)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+
+
+def configure_logging() -> None:
+    """INFO lines from rank 0, warnings only from the others, each prefixed with its rank."""
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
 
 
 def task_boundary_checkpoint(run: Path) -> Path:

@@ -12,14 +12,13 @@ handled with a checkpoint: run again with resume=auto to continue.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import signal
 import sys
 
 from inflora_dist.config import load_run_config
 from inflora_dist.engine import shutdown_distributed
 from inflora_dist.loop import ContinualTrainer
+from inflora_dist.trained import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO if rank == "0" else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()
     cfg = load_run_config(args.config, args.overrides)  # validated before any heavy work
     trainer = ContinualTrainer(cfg)
     try:
