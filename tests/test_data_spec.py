@@ -39,7 +39,7 @@ def test_valid_spec_expands_brace_patterns_and_joins_root():
 
 
 def test_unknown_key_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown key 'clases'.*valid keys: \['classes', 'eval'"):
+    with pytest.raises(ValueError, match=r"unknown key 'clases'.*valid keys: \['class_names', 'classes', 'eval'"):
         load_task_sequence(spec(tasks__0__clases=[1]))
     with pytest.raises(ValueError, match=r"unknown key 'storage'"):
         load_task_sequence(spec(storage={}))
