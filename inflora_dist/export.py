@@ -395,9 +395,8 @@ def export_classifier_heads(
     """Write `heads.safetensors` (head t's `t.weight` / `t.bias`, float32) and `classes.json` beside a merged
     backbone: what a plain transformers user needs to classify with it.
 
-    classes.json holds the logit position -> class id map (and name, when the task spec names its classes), each
-    task's logit
-    range, the heads' cosine scale, the preprocessing and how the features are
+    classes.json holds the logit position -> class id map (and name, when the task spec names its
+    classes), each task's logit range, the heads' cosine scale, the preprocessing and how the features are
     read (the backbone's `last_hidden_state[:, 0]`). Class-incremental
     prediction is the argmax over all heads' concatenated logits. Collective
     under ZeRO-3 (the heads are gathered); only the main process writes.
