@@ -109,12 +109,15 @@ class TrainConfig:
     epochs: int = 1
     optimizer: str = "adam"
     lr: float = 5e-4
+    lr_schedule: str = "cosine"  # per task: the reference's cosine decay, or constant (O-LoRA's, GainLoRA's)
     head_lr: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9
     grad_clip: float = 0.0
     precision: str = "fp32"
     eval_batch_size: int = 64
+    # LLM runs score every task once before task 0 (metrics.json `zero_shot`); vision heads are untrained then.
+    zero_shot_eval: bool = True
     num_workers: int = 0
     log_every: int = 10
 
@@ -224,6 +227,7 @@ _CHOICES = {
     "inflora.accumulation_dtype": ("auto", "float32", "float64"),
     "inflora.covariance_gemm_dtype": ("auto", "float32", "float64"),
     "train.optimizer": ("adam", "sgd"),
+    "train.lr_schedule": ("cosine", "constant"),
     "ca.covariance": ("full", "diagonal", "shared"),
     "train.precision": ("fp32", "bf16"),
     "deepspeed.zero_stage": (0, 1, 2, 3),

@@ -115,8 +115,11 @@ def destroy_engine(engine: deepspeed.DeepSpeedEngine) -> None:
             handle.remove()
 
 
-def cosine_factor(step: int, total: int) -> float:
-    """The reference's per-task cosine decay lr * cos(pi/2 * progress), from 1 to 0 over the task."""
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """The learning rate's factor at `step` of a task's `total`: the reference's cosine decay
+    cos(pi/2 * progress), from 1 to 0 over the task, or 1 throughout (constant)."""
+    if schedule == "constant":
+        return 1.0
     return math.cos(math.pi / 2 * min(step, total) / max(total, 1))
 
 
@@ -128,7 +131,8 @@ def build_engine(
     accumulation: int,
     total_steps: int,
 ) -> deepspeed.DeepSpeedEngine:
-    """A DeepSpeed engine training `param_groups` with a fresh optimizer and a cosine schedule over `total_steps`.
+    """A DeepSpeed engine training `param_groups` with a fresh optimizer and `train.lr_schedule` (cosine over
+    `total_steps`, or constant).
 
     Collective: every rank calls it.
     """
@@ -137,7 +141,7 @@ def build_engine(
         optimizer = torch.optim.Adam(param_groups, lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
     else:
         optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(t.lr_schedule, step, total_steps))
     world = tdist.get_world_size()
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -157,6 +157,8 @@ class ContinualTrainer:
         )
         self.matrices = {key: AccuracyMatrix(num_tasks=self.num_tasks) for key in self.workload.matrices}
         self.joint: dict[str, list[float]] = {}  # method=joint: each matrix's one row, all tasks trained at once
+        # Every task scored once before task 0 (what training adds); None per task an extension added later.
+        self.zero_shot: list[float | None] | None = None
         self.timings: list[dict[str, float]] = []  # per stage: seconds of training, class statistics, alignment
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
@@ -231,6 +233,7 @@ class ContinualTrainer:
             "progress": asdict(self.progress),
             "matrices": {key: m.rows for key, m in self.matrices.items()},
             "joint": self.joint,
+            "zero_shot": self.zero_shot,
             "timings": self.timings,
             "config": to_dict(self.cfg),
             "task_sequence": task_records(self.seq, self.index),
@@ -268,6 +271,7 @@ class ContinualTrainer:
         if self.workload.statistics is not None:
             self.workload.load_statistics(class_statistics_state(tensors))
         self.joint = meta["joint"]
+        self.zero_shot = meta.get("zero_shot")
         self.timings = meta["timings"]
         self.progress = Progress(**meta["progress"])
         if self.progress.phase == "train" and meta["world_size"] != self.world:
@@ -439,11 +443,12 @@ class ContinualTrainer:
         covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
         return covs, time.perf_counter() - start, summing[0]
 
-    def _evaluate(self, engine: Any, upto: int) -> list[list[float]]:
-        """One row per accuracy matrix: the scores (%) of tasks 0..upto. Collective (one all-reduce per task)."""
+    def _evaluate(self, engine: Any, upto: int, tasks: range | None = None) -> list[list[float]]:
+        """One row per accuracy matrix: the scores (%) of `tasks` (default 0..upto) with tasks 0..upto learned.
+        Collective (one all-reduce per task)."""
         engine.eval()
         rows: list[list[float]] = [[] for _ in self.workload.matrices]
-        for j in range(upto + 1):
+        for j in range(upto + 1) if tasks is None else tasks:
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
             with self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
                 scores = score_task(self.workload, engine, loader, j, upto, bar)  # collective
@@ -644,6 +649,9 @@ class ContinualTrainer:
                 engine.load_checkpoint(str(self._resume_path / "engine"), tag="engine")
                 loader.load_state_dict(self.progress.loader)
             else:
+                if stage == 0 and self.workload.zero_shot and cfg.train.zero_shot_eval:
+                    logger.info("zero-shot: every task scored before any training")
+                    self.zero_shot = self._evaluate(engine, -1, range(self.num_tasks))[0]  # collective
                 logger.info("stage %d (%s): the branch's A", stage, ", ".join(self.names[t] for t in tasks))
                 seconds = self._start_branches(engine, stage)
                 self.progress = Progress(task=stage, phase="train", global_step=self.progress.global_step)
@@ -686,9 +694,11 @@ class ContinualTrainer:
         if self.cfg.method == "joint":
             scores = self.joint[primary]
             avg = sum(scores) / len(scores)
-            summary = {"method": "joint", "avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0}
+            summary = {"method": "joint", "avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0,
+                       "ap": avg, "ft": 0.0}  # fmt: skip
             summary.update({f"joint_{key.removesuffix('_matrix')}": row for key, row in self.joint.items()})
-            summary.update(task_names=self.names, task_metrics=self.task_metrics, timings=self.timings)
+            summary.update(task_names=self.names, task_metrics=self.task_metrics, zero_shot=self._zero_shot_row())
+            summary.update(timings=self.timings)
             tmp = self.out / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, self.out / "metrics.json")
@@ -702,10 +712,12 @@ class ContinualTrainer:
         main = self.matrices[primary]
         extra: dict[str, Any] = {"method": self.cfg.method, "task_names": self.names, "task_metrics": self.task_metrics}
         extra.update({key: self.matrices[key] for key in others})
+        if self.zero_shot is not None:
+            extra["zero_shot"] = self._zero_shot_row()
         extra.update(ca=self.cfg.ca.enabled, timings=self.timings)
         save_metrics(self.out / "metrics.json", main, extra)
         images = save_plots(main, self.out, self.names)
-        print(format_table(main, self.names), flush=True)
+        print(format_table(main, self.names, zero_shot=extra.get("zero_shot")), flush=True)
         for key in others:
             m = self.matrices[key]
             print(f"{key.removesuffix('_matrix').replace('_', ' ')}: average {m.avg_acc:.2f}, BWT {m.bwt:.2f}")
@@ -713,6 +725,12 @@ class ContinualTrainer:
         values.update({f"cl/{k}": v for k, v in main.metrics().items()})
         self.monitor.log(values, self.progress.global_step)
         self.monitor.log_matrix(main.rows, self.names, images[0], self.progress.global_step)
+
+    def _zero_shot_row(self) -> list[float | None] | None:
+        """The zero-shot scores, one per task of the sequence (None for tasks an extension added)."""
+        if self.zero_shot is None:
+            return None
+        return [*self.zero_shot, *[None] * (self.num_tasks - len(self.zero_shot))]
 
     # ------------------------------------------------------------------ entry
     def run(self) -> int:

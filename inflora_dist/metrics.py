@@ -12,6 +12,12 @@
   ``= mean_{j < n-1} (max_{j <= l <= n-2} R[l][j] - R[n-1][j])``; ``0.0`` with one row.
   It is not clamped at zero: a task that improved since its best earlier
   accuracy contributes a negative term, as in the paper.
+* **ap** and **ft**, the average performance and forgetting of the LLM continual-learning papers
+  (O-LoRA, GainLoRA; GainLoRA's ``score.py``, ``cal_continue_learning_metrics``: ``Cl`` and ``Fgt``):
+  ``AP = mean_j R[n-1][j]`` and ``FT = mean_{j < n-1} (max_{l <= n-2} R[l][j] - R[n-1][j])``. That code
+  fills the matrix's upper triangle with zeros, so its maximum over ``l < j`` never wins against scores
+  ``>= 0``: AP is **avg_acc** and FT is **forgetting**, stored under the papers' names as well. (Its
+  ``Bwt`` divides by ``n``, counting the last task's zero term; **bwt** here divides by ``n - 1``.)
 
 The metric functions are pure and take the rows; :class:`AccuracyMatrix` wraps
 them with validation. matplotlib is imported only inside :func:`save_plots`.
@@ -41,7 +47,7 @@ __all__ = [
 
 Rows = Sequence[Sequence[float]]
 
-METRIC_KEYS = ("avg_acc", "avg_incremental_acc", "bwt", "forgetting")
+METRIC_KEYS = ("avg_acc", "avg_incremental_acc", "bwt", "forgetting", "ap", "ft")
 MATRIX_KEY = "accuracy_matrix"
 _RESERVED_KEYS = frozenset((MATRIX_KEY, *METRIC_KEYS))
 
@@ -174,16 +180,19 @@ class AccuracyMatrix:
         return forgetting(self.rows)
 
     def metrics(self) -> dict[str, float]:
-        """The four metrics by name (``avg_acc``, ``avg_incremental_acc``, ``bwt``, ``forgetting``)."""
+        """The metrics by name: ``avg_acc``, ``avg_incremental_acc``, ``bwt``, ``forgetting``, and the LLM
+        papers' ``ap`` (= avg_acc) and ``ft`` (= forgetting) under their own names (see the module docstring)."""
         return {
             "avg_acc": self.avg_acc,
             "avg_incremental_acc": self.avg_incremental_acc,
             "bwt": self.bwt,
             "forgetting": self.forgetting,
+            "ap": self.avg_acc,
+            "ft": self.forgetting,
         }
 
     def to_dict(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """A JSON-ready dict: ``accuracy_matrix`` (row ``i`` has ``i + 1`` values) and the four metrics.
+        """A JSON-ready dict: ``accuracy_matrix`` (row ``i`` has ``i + 1`` values) and the metrics.
 
         The metrics are ``None`` while the matrix is empty. ``num_tasks`` is
         included when set. ``extra`` keys (task names, a task-incremental matrix
@@ -260,21 +269,28 @@ def _names(task_names: Sequence[str] | None, count: int) -> list[str]:
     return [str(name) for name in task_names[:count]]
 
 
-def format_table(matrix: AccuracyMatrix, task_names: Sequence[str] | None = None) -> str:
-    """A fixed-width text table of the matrix followed by the four metrics with 2 decimals.
+def format_table(
+    matrix: AccuracyMatrix, task_names: Sequence[str] | None = None, zero_shot: Sequence[float | None] | None = None
+) -> str:
+    """A fixed-width text table of the matrix followed by the four metrics with 2 decimals (AP and FT are
+    two of them under other names).
 
     Rows are "after <task>", columns are tasks (``num_tasks`` columns when set,
-    else one per row); cells above the diagonal are blank.
+    else one per row); cells above the diagonal are blank. ``zero_shot`` (one score per
+    column, None for a blank) is shown first, as the row "zero-shot".
     """
     n = len(matrix)
     cols = max(n, matrix.num_tasks or 0)
     names = _names(task_names, cols)
     row_labels = [f"after {names[i]}" for i in range(n)]
-    label_w = max([len("after"), *map(len, row_labels)])
+    label_w = max([len("zero-shot" if zero_shot is not None else "after"), *map(len, row_labels)])
     widths = [max(len(name), 6) for name in names]  # 6 = len("100.00")
 
     lines = ["  ".join([" " * label_w, *(name.rjust(w) for name, w in zip(names, widths, strict=True))]).rstrip()]
     lines.append("  ".join(["-" * label_w, *("-" * w for w in widths)]))
+    if zero_shot is not None:
+        cells = [(f"{v:.2f}" if v is not None else "").rjust(w) for v, w in zip(zero_shot, widths, strict=False)]
+        lines.append("  ".join(["zero-shot".ljust(label_w), *cells]).rstrip())
     for i, row in enumerate(matrix.rows):
         cells = [f"{row[j]:.2f}".rjust(w) if j <= i else " " * w for j, w in enumerate(widths)]
         lines.append("  ".join([row_labels[i].ljust(label_w), *cells]).rstrip())

@@ -12,6 +12,7 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
     statistics                the seen classes' statistics (classification; None for instruction tuning)
     score(engine, raw, t)     summed evaluation scores of task t's reader batch (all-reduced by the loop)
     matrices / finish(sums)   the accuracy matrices the scores fill (the first is the primary one)
+    zero_shot                 whether a score before any training means something (the zero-shot row)
 
 Image classification (the reference's setting): one linear head per task; accuracy
 with all heads (class-incremental), with the task's own head (task-incremental),
@@ -68,6 +69,7 @@ class ImageClassification:
 
     matrices = ("accuracy_matrix", "task_incremental_accuracy_matrix", "ncm_accuracy_matrix")
     peft_task_type: str | None = None
+    zero_shot = False  # untrained heads score nothing meaningful
 
     def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
         if seq.kind != "classification":
@@ -213,6 +215,7 @@ class InstructionTuning:
 
     matrices = ("accuracy_matrix",)
     peft_task_type: str | None = "CAUSAL_LM"
+    zero_shot = True  # the pre-trained model answers every task before any training
     statistics: ClassStatistics | None = None  # no classes: no class statistics
 
     def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:

@@ -29,9 +29,13 @@ def test_short_llm_demo_runs_the_real_model(tmp_path):
         "data.build.shard_size=20",
         "train.epochs=1",
     ]
-    train(1, out, *overrides, shards=tmp_path / "shards", config=REPO / "configs" / "demo_llm.yaml", timeout=900)
+    proc = train(1, out, *overrides, shards=tmp_path / "shards", config=REPO / "configs" / "demo_llm.yaml",
+                 timeout=900)  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert [len(r) for r in metrics["accuracy_matrix"]] == [1, 2, 3]
     assert metrics["task_metrics"] == ["exact_match", "exact_match", "rouge_l"]
     assert metrics["accuracy_matrix"][2][2] > 0  # ROUGE-L of real answers to trivia questions
+    assert len(metrics["zero_shot"]) == 3 and metrics["zero_shot"][2] > 0  # ... and before any training
+    zero_shot_row = next(line for line in proc.stdout.splitlines() if line.startswith("zero-shot"))
+    assert zero_shot_row.split()[1:] == [f"{v:.2f}" for v in metrics["zero_shot"]]  # the printed matrix's first row
     assert (out / "peft_adapter" / "adapter_model.safetensors").exists()

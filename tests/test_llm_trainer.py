@@ -55,6 +55,7 @@ def test_one_process_run_scores_every_task_by_its_metric(runs):
     assert metrics["task_metrics"] == ["exact_match", "exact_match", "rouge_l"]
     assert all(0.0 <= v <= 100.0 for row in metrics["accuracy_matrix"] for v in row)
     assert "task_incremental_accuracy_matrix" not in metrics  # no heads: one score per task
+    assert len(metrics["zero_shot"]) == 3 and all(0.0 <= v <= 100.0 for v in metrics["zero_shot"])
     adapter = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "CAUSAL_LM"
     assert any("mlp.down_proj" in m for m in adapter["target_modules"])
@@ -71,6 +72,7 @@ def test_two_processes_under_zero3_reproduce_one_process(runs):
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
     assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+    assert metrics["zero_shot"] == ref_metrics["zero_shot"]  # scored before training, by synced generation
 
 
 def test_merged_export_is_a_plain_transformers_model_at_any_world_size(runs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 
@@ -184,6 +185,13 @@ def test_format_table() -> None:
         format_table(m, task_names=["a", "b"])
 
 
+def test_format_table_shows_the_zero_shot_row_first() -> None:
+    m = AccuracyMatrix(ROWS, num_tasks=4)
+    lines = format_table(m, task_names=["cifar", "cub", "dogs", "cars"], zero_shot=[12.5, 3.0, 7.25, None]).splitlines()
+    assert lines[2].split() == ["zero-shot", "12.50", "3.00", "7.25"]  # a task an extension added has none
+    assert lines[3].startswith("after cifar") and lines[2].index("12.50") == lines[3].index("90.00")
+
+
 def test_save_plots(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     m = AccuracyMatrix(ROWS, num_tasks=10)
@@ -197,3 +205,23 @@ def test_save_plots(tmp_path) -> None:
     # A single row plots too.
     one = save_plots(AccuracyMatrix([[42.0]]), tmp_path / "one")
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in one)
+
+
+def _gainlora_cl_and_fgt(rows: list[list[float]]) -> tuple[float, float]:
+    """AP ("Cl") and FT ("Fgt") as GainLoRA's score.py computes them, on its zero-padded square matrix."""
+    n = len(rows)
+    square = [list(r) + [0.0] * (n - len(r)) for r in rows]
+    cl = sum(square[-1]) / n
+    fgt = [max(line[j] for line in square[:-1]) - square[-1][j] for j in range(n - 1)]
+    return cl, sum(fgt) / len(fgt)
+
+
+def test_ap_and_ft_are_gainloras_definitions() -> None:
+    rng = random.Random(0)
+    for n in (2, 3, 6):
+        rows = [[rng.uniform(0, 100) for _ in range(i + 1)] for i in range(n)]
+        rows[-1][0] = 0.0  # a task forgotten entirely
+        data = AccuracyMatrix(rows).to_dict()
+        cl, fgt = _gainlora_cl_and_fgt(rows)
+        assert data["ap"] == pytest.approx(cl, abs=1e-12) and data["ap"] == data["avg_acc"]
+        assert data["ft"] == pytest.approx(fgt, abs=1e-12) and data["ft"] == data["forgetting"]

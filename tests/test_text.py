@@ -129,16 +129,35 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer):
         assert out[0].tolist() == together[i].tolist()
 
 
-def test_exact_match_normalises_case_and_punctuation():
+def test_exact_match_normalises_as_the_benchmarks_do():
     assert exact_match(" Positive.", "positive") == 1.0
     assert exact_match("positive sentiment", "positive") == 0.0
     assert exact_match("", "positive") == 0.0
+    # SQuAD v1.1's normalisation without the article removal: punctuation is deleted (not split on), spaces folded.
+    assert exact_match("Don't  know!", "dont know") == 1.0
+    assert exact_match("the answer", "answer") == 0.0
 
 
-def test_rouge_l_by_hand():
-    # LCS("the cat sat on the mat", "the cat is on the mat") = "the cat on the mat": P = R = 5/6.
-    assert math.isclose(rouge_l("The cat sat on the mat.", "the cat is on the mat"), 5 / 6)
-    # LCS = "a c": P = 2/2, R = 2/4, F1 = 2/3.
-    assert math.isclose(rouge_l("a c", "a b c d"), 2 / 3)
-    assert rouge_l("x y", "a b") == 0.0
-    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+# (prediction, reference, ROUGE-L F by hand after rouge-score's tokenizer and Porter stemming)
+ROUGE_PAIRS = [
+    ("The cat sat on the mat.", "the cat is on the mat", 5 / 6),  # LCS "the cat on the mat": P = R = 5/6
+    ("a c", "a b c d", 2 / 3),  # LCS "a c": P = 1, R = 1/2
+    ("a cat runs", "The cats are running", 4 / 7),  # stems cat/run match: P = 2/3, R = 2/4
+    ("x y", "a b", 0.0),
+    ("", "", 0.0),  # rouge-score gives 0 when a side has no word
+    ("a", "", 0.0),
+    (
+        "Don't stop",
+        "dont stop",
+        0.4,
+    ),  # its tokenizer splits on the apostrophe: [don, t, stop] vs [dont, stop]: P = 1/3, R = 1/2
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "by_hand"), ROUGE_PAIRS)
+def test_rouge_l_is_the_benchmarks_rouge_score(prediction, reference, by_hand):
+    from rouge_score import rouge_scorer  # the package the benchmarks' compute_metrics.py uses, same options
+
+    package = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
+    assert math.isclose(rouge_l(prediction, reference), package, abs_tol=1e-12)
+    assert math.isclose(rouge_l(prediction, reference), by_hand, abs_tol=1e-12)

@@ -62,6 +62,7 @@ def test_one_process_run_writes_every_output(runs):
     assert [len(r) for r in metrics["task_incremental_accuracy_matrix"]] == [1, 2, 3]
     assert [len(r) for r in metrics["ncm_accuracy_matrix"]] == [1, 2, 3]
     assert metrics["ca"] is True and [set(t) for t in metrics["timings"]] == [TIMING_KEYS] * 3
+    assert "zero_shot" not in metrics  # untrained heads: no zero-shot row for classification
     stats = json.loads((out / "class_statistics.json").read_text())
     assert stats["form"] == "full" and stats["task_offsets"] == [0, 2, 4, 6] and len(stats["class_ids"]) == 6
     for key in ("avg_acc", "avg_incremental_acc", "bwt", "forgetting"):

@@ -6,6 +6,7 @@
     python -m inflora_dist.data.build_shards records a.jsonl b.parquet c.csv saved_dataset/ --out runs/shards/text
     python -m inflora_dist.data.build_shards llm-demo --out runs/shards/llm_demo --per-label 60
     python -m inflora_dist.data.build_shards olora --root /data/O-LoRA/CL_Benchmark --order order1 --out ...
+    python -m inflora_dist.data.build_shards superni --root /data/gainlora/CL_Benchmark --order order1 --out ...
 
 Writes under --out (any fsspec URL): `train/<task>-NNNNNN.tar`, `eval/<task>-NNNNNN.tar`,
 `index.json` (per shard: samples, bytes, sha256; per task: samples per split)
@@ -31,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from inflora_dist.config import to_yaml
+from inflora_dist.data import superni
 from inflora_dist.data.instruction_sources import demo_sequence
 from inflora_dist.data.olora import ORDERS, records_for_build
 from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
@@ -430,6 +432,15 @@ def _parser() -> argparse.ArgumentParser:
     ol.add_argument("--max-train-per-task", type=int, default=None, help="seeded subset of train.json (default all)")
     ol.add_argument("--max-eval-per-task", type=int, default=None, help="seeded subset of test.json (default all)")
     common(ol)
+    sn = sub.add_parser(
+        "superni", help="GainLoRA's CL benchmark (CL_Benchmark/ on your disk): SuperNI orders 1-2, Long_Sequence 3-4"
+    )
+    sn.add_argument("--root", required=True, help="the CL_Benchmark folder of the GainLoRA repository")
+    sn.add_argument("--order", required=True, choices=sorted(superni.ORDERS), help="order1-2: SuperNI, 3-4: long")
+    sn.add_argument("--num-tasks", type=int, default=None, help="the order's first tasks only (default all 15)")
+    sn.add_argument("--max-train-per-task", type=int, default=None, help="seeded subset of train.json (default all)")
+    sn.add_argument("--max-eval-per-task", type=int, default=None, help="seeded subset of test.json (default all)")
+    common(sn)
     return p
 
 
@@ -466,10 +477,12 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = dict(args.storage_option)
     common = {"seed": args.seed, "shard_size": args.shard_size, "storage_options": options, "progress": not args.quiet}
-    if args.command == "olora":
-        train, held_out, metrics = records_for_build(
-            args.root, args.order, args.max_train_per_task, args.max_eval_per_task, args.seed
-        )
+    if args.command in ("olora", "superni"):
+        limits = (args.max_train_per_task, args.max_eval_per_task, args.seed)
+        if args.command == "olora":
+            train, held_out, metrics = records_for_build(args.root, args.order, *limits)
+        else:
+            train, held_out, metrics = superni.records_for_build(args.root, args.order, *limits, args.num_tasks)
         config = build_instruction(train, args.out, eval_records=held_out, metrics=metrics, **common)
     elif args.command in ("records", "jsonl", "llm-demo"):
         if args.command != "llm-demo":

@@ -135,9 +135,10 @@ def task_dir(root: str | Path, task: str) -> Path:
     return Path(root) / TASK_TYPES[task] / task
 
 
-def _load_json(path: Path, what: str) -> Any:
+def load_json(path: Path, what: str, layout: str = "O-LoRA's CL_Benchmark/<type>/<dataset>/") -> Any:
+    """The JSON at `path`; errors name the file, what it should hold and the benchmark `layout` expected."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found ({what}); expected O-LoRA's CL_Benchmark/<type>/<dataset>/ layout")
+        raise FileNotFoundError(f"{path} not found ({what}); expected {layout} layout")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -147,7 +148,7 @@ def _load_json(path: Path, what: str) -> Any:
 def read_labels(root: str | Path, task: str) -> list[str]:
     """The label words of `task`, in the order of its labels.json (the order the prompt lists them)."""
     path = task_dir(root, task) / "labels.json"
-    labels = _load_json(path, "the task's label words")
+    labels = load_json(path, "the task's label words")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise ValueError(f"{path} must be a non-empty JSON list of label strings, got {labels!r:.200}")
     return labels
@@ -179,7 +180,7 @@ def read_task(root: str | Path, task: str, split: str) -> list[dict[str, str]]:
     task = canonical_task(task)
     labels = read_labels(root, task)
     path = task_dir(root, task) / f"{split}.json"
-    items = _load_json(path, f"the {split} split of {task}")
+    items = load_json(path, f"the {split} split of {task}")
     if not isinstance(items, list):
         raise ValueError(f"{path} must be a JSON list of records, got {type(items).__name__}")
     records = []
@@ -216,7 +217,7 @@ def order_tasks(order: str | Sequence[str]) -> list[str]:
     return [canonical_task(t) for t in order]
 
 
-def _subsample(records: list[dict[str, str]], limit: int | None, seed: str) -> list[dict[str, str]]:
+def subsample(records: list[dict[str, str]], limit: int | None, seed: str) -> list[dict[str, str]]:
     """A seeded random `limit` of `records`, kept in file order (all of them if `limit` is None or larger)."""
     if limit is None or limit >= len(records):
         return records
@@ -249,6 +250,6 @@ def records_for_build(
             raise ValueError(f"{task_dir(root, task) / 'train.json'} has no records")
         if not evaluation[task]:
             raise ValueError(f"{task_dir(root, task) / 'test.json'} has no records")
-        train[task] = _subsample(train[task], max_train_per_task, f"{seed}:{task}:train")
-        evaluation[task] = _subsample(evaluation[task], max_eval_per_task, f"{seed}:{task}:test")
+        train[task] = subsample(train[task], max_train_per_task, f"{seed}:{task}:train")
+        evaluation[task] = subsample(evaluation[task], max_eval_per_task, f"{seed}:{task}:test")
     return train, evaluation, dict.fromkeys(tasks, "exact_match")

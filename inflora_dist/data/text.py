@@ -7,17 +7,18 @@ otherwise); the loss sees response tokens only (labels -100 elsewhere).
 covariance passes use every real token, prompt and response), padding carries
 label -100, and rows of weight 0 (the reader's padding rows) carry no label at all.
 `collate_prompts` left-pads prompts for batched generation, and `exact_match` /
-`rouge_l` score the generated answers.
+`rouge_l` score the generated answers as the benchmarks' evaluation code does.
 """
 
 from __future__ import annotations
 
-import re
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rouge_score import rouge_scorer
 
 IGNORE = -100
 
@@ -120,32 +121,27 @@ def collate_prompts(
 
 
 # ---------------------------------------------------------------- scoring generations
-def normalize_answer(text: str) -> list[str]:
-    """Lower-case words of `text`, punctuation dropped (the tokenisation of the ROUGE and SQuAD scorers)."""
-    return re.sub(r"[^0-9a-z]+", " ", text.lower()).split()
+# As the benchmarks' own evaluation code scores (GainLoRA / O-LoRA / SuperNI `compute_metrics.py`):
+# exact match after SQuAD v1.1's normalisation without the article removal, and the `rouge-score`
+# package's ROUGE-L F-measure with its default tokenizer and the Porter stemmer.
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cased, ASCII punctuation deleted, runs of whitespace made one space (the benchmarks' exact match)."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
 
 
 def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the normalised prediction equals the normalised reference (a label word), else 0.0."""
+    """1.0 when the normalised prediction equals the normalised reference, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of the normalised words: longest common subsequence against both lengths."""
-    p, r = normalize_answer(prediction), normalize_answer(reference)
-    if not p or not r:
-        return float(p == r)
-    previous = [0] * (len(r) + 1)
-    for word in p:  # one row of the LCS table at a time
-        current = [0]
-        for j, ref_word in enumerate(r):
-            current.append(previous[j] + 1 if word == ref_word else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F-measure of `rouge-score`'s `RougeScorer(["rougeL"], use_stemmer=True)` (0.0 when either
+    side has no word, as that package scores it)."""
+    return _ROUGE_L.score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
 SCORERS = {"exact_match": exact_match, "rouge_l": rouge_l}

@@ -1,0 +1,159 @@
+"""GainLoRA's benchmark reader (inflora_dist/data/superni.py) and the SuperNI configs that use it.
+
+The real CL_Benchmark/ data (github.com/liangyanshuo/gainlora) is not redistributed here and is not available
+offline, so each test writes a small tree in its exact format: `<root>/SuperNI/<task>/{train,dev,test}.json`
+and `<root>/Long_Sequence/<task>/...`, each one Super-NI task object (URL, Categories, Definition, Positive and
+Negative Examples, Instances of {"id", "input", "output"}), outputs lists of strings or, as in task363, task875
+and task1687 there, plain strings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inflora_dist.config import RunConfig, merge_structured, read_yaml, validate_run_config
+from inflora_dist.data import superni
+
+REPO = Path(__file__).resolve().parents[1]
+PLAIN_OUTPUT = ("task363", "task875", "task1687")  # the tasks whose outputs are strings, not lists
+
+
+def _task_object(task: str, split: str, n: int, definition: str) -> dict:
+    plain = task.startswith(PLAIN_OUTPUT) or "_" not in task  # the Long_Sequence tasks have plain outputs too
+    instances = [
+        {"id": f"{task.split('_')[0]}-{split}{i}", "input": f"Input text {i} of {task} ({split}).",
+         "output": f"answer {i}" if plain else [f"answer {i}", f"other answer {i}"]}
+        for i in range(n)
+    ]  # fmt: skip
+    return {
+        "URL": ["https://example.org"], "Categories": ["Test"], "Input_language": ["English"],
+        "Output_language": ["English"], "Instruction_language": ["English"], "Domains": ["Test"],
+        "Positive Examples": [{"input": "a", "output": "b", "explanation": "c"}],
+        "Negative Examples": [{"input": "a", "output": "d", "explanation": "e"}],
+        "Instances": instances, "Definition": [definition],
+    }  # fmt: skip
+
+
+def write_benchmark(root: Path, per_split: dict[str, int] | None = None) -> Path:
+    """A CL_Benchmark/ tree with every task of GainLoRA's four orders; dev.json is test.json, as there."""
+    per_split = per_split or {"train": 6, "test": 3}
+    for benchmark, tasks in {b: {t for o, (bb, ts) in superni.ORDERS.items() if bb == b for t in ts}
+                             for b in superni.BENCHMARKS}.items():  # fmt: skip
+        for task in tasks:
+            d = root / benchmark / task
+            d.mkdir(parents=True)
+            definition = f"  In this task, you do {task}.  "  # stripped in the prompt
+            for split, n in per_split.items():
+                (d / f"{split}.json").write_text(json.dumps(_task_object(task, split, n, definition)))
+            (d / "dev.json").write_text((d / "test.json").read_text())
+    return root
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Path:
+    return write_benchmark(tmp_path / "CL_Benchmark")
+
+
+def test_prompts_are_built_as_gainlora_builds_them(bench):
+    records = superni.read_task(bench, "SuperNI", "task363_sst2_polarity_classification", "train")
+    assert records[1] == {
+        "prompt": "Definition: In this task, you do task363_sst2_polarity_classification.\n\n"
+        "Now complete the following example -\n"
+        "Input: Input text 1 of task363_sst2_polarity_classification (train).\nOutput: ",
+        "response": "answer 1",
+    }
+    long = superni.read_task(bench, "Long_Sequence", "cb", "test")
+    assert long[0] == {
+        "prompt": "In this task, you do cb.\nInput text 0 of cb (test).\nOutput: ",
+        "response": "answer 0",
+    }
+
+
+def test_an_instance_with_several_outputs_takes_one_seeded_choice(bench):
+    task = "task1572_samsum_summary"
+    first = superni.read_task(bench, "SuperNI", task, "train", seed=0)
+    for i, record in enumerate(first):
+        assert record["response"] in (f"answer {i}", f"other answer {i}")
+    assert superni.read_task(bench, "SuperNI", task, "train", seed=0) == first  # reproducible
+    seeds = {tuple(r["response"] for r in superni.read_task(bench, "SuperNI", task, "train", seed=s)) for s in range(8)}
+    assert len(seeds) > 1  # the choice depends on the seed
+
+
+def test_orders_are_gainloras_task_lists():
+    benchmark, order1 = superni.order_tasks("1")
+    assert benchmark == "SuperNI" and len(order1) == len(set(order1)) == 15
+    assert order1[:3] == ["task1572_samsum_summary", "task363_sst2_polarity_classification",
+                          "task1290_xsum_summarization"]  # fmt: skip
+    assert superni.order_tasks("order2")[1][0] == "task748_glucose_reverse_cause_event_detection"
+    assert set(superni.order_tasks("order2")[1]) == set(order1)
+    assert superni.order_tasks("3") == ("Long_Sequence", superni.ORDERS["order3"][1])
+    assert (
+        set(superni.ORDERS["order3"][1]) == set(superni.ORDERS["order4"][1]) and len(superni.ORDERS["order4"][1]) == 15
+    )
+    with pytest.raises(ValueError, match="unknown GainLoRA order '7'"):
+        superni.order_tasks("7")
+
+
+def test_missing_files_and_bad_instances_are_named(bench, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"CL_Benchmark/SuperNI/task999_x/train\.json not found"):
+        superni.read_task(bench, "SuperNI", "task999_x", "train")
+    path = bench / "SuperNI" / "task181_outcome_extraction" / "train.json"
+    data = json.loads(path.read_text())
+    data["Instances"][2]["output"] = []
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"train.json instance 2 has no \"output\""):
+        superni.read_task(bench, "SuperNI", "task181_outcome_extraction", "train")
+    with pytest.raises(FileNotFoundError, match="pass the CL_Benchmark folder of GainLoRA"):
+        superni.records_for_build(tmp_path / "nowhere", "order1")
+    with pytest.raises(ValueError, match="num_tasks must be in"):
+        superni.records_for_build(bench, "order1", num_tasks=16)
+
+
+def test_shard_builder_trains_on_train_and_scores_superni_by_rouge_l(bench, tmp_path):
+    """`build_shards superni`: train.json is the train split, test.json the eval split, in the order's order;
+    SuperNI tasks are scored by ROUGE-L, Long_Sequence tasks by exact match, as GainLoRA's score.py does."""
+    from inflora_dist.data.build_shards import main as build_shards
+
+    out = tmp_path / "shards"
+    config = build_shards(["superni", "--root", str(bench), "--order", "order2", "--num-tasks", "4",
+                           "--out", str(out), "--quiet"])  # fmt: skip
+    assert [t.name for t in config.tasks] == superni.ORDERS["order2"][1][:4]
+    assert all(t.instruction.metric == "rouge_l" for t in config.tasks)
+    assert [(t.train.samples, t.eval.samples) for t in config.tasks] == [(6, 3)] * 4
+    long = build_shards(["superni", "--root", str(bench), "--order", "order3", "--max-train-per-task", "4",
+                         "--out", str(tmp_path / "long"), "--quiet"])  # fmt: skip
+    assert len(long.tasks) == 15 and all(t.instruction.metric == "exact_match" for t in long.tasks)
+    assert long.tasks[0].train.samples == 4 and long.tasks[0].instruction.labels == [
+        "answer 0",
+        "answer 1",
+        "answer 2",
+        "answer 3",
+        "answer 4",
+        "answer 5",
+    ]
+
+
+@pytest.mark.parametrize("order", ["order1", "order2"])
+def test_superni_llama2_configs_are_valid_run_configs(order, tmp_path):
+    """Both configs validate once the user's paths exist (model.pretrained and data.tasks overridden here), with
+    GainLoRA's InfLoRA settings."""
+    from inflora_dist.engine import lr_factor
+
+    model, tasks = tmp_path / "Llama-2-7b-hf", tmp_path / "tasks.yaml"
+    model.mkdir()
+    tasks.write_text("kind: instruction\n")
+    raw = read_yaml(str(REPO / "configs" / "superni" / f"llama2_7b_{order}.yaml"))
+    assert (
+        raw.model.pretrained == "/path/to/Llama-2-7b-hf" and raw.data.tasks == f"runs/shards/superni_{order}/tasks.yaml"
+    )
+    cfg = merge_structured(RunConfig, raw, overrides=[f"model.pretrained={model}", f"data.tasks={tasks}"])
+    validate_run_config(cfg)
+    assert cfg.model.kind == "causal_lm" and cfg.deepspeed.zero_stage == 3 and cfg.model.max_new_tokens == 50
+    assert cfg.inflora.targets == ["q_proj", "v_proj"] and cfg.inflora.rank == 4
+    assert (cfg.inflora.lambda_begin, cfg.inflora.lambda_end) == (0.995, 1.0)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.global_batch_size) == (3e-4, 100, 32)
+    assert cfg.train.lr_schedule == "constant" and lr_factor(cfg.train.lr_schedule, 90, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(2**-0.5)  # the default decays
