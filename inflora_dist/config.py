@@ -55,6 +55,10 @@ def merge_structured(schema: type[T], *sources: Mapping | DictConfig, overrides:
 
 
 # ----------------------------------------------------------------------------- run config
+#: The model kinds tuned on instruction tasks (scored by generation), as opposed to `vit` (classification).
+LANGUAGE_MODEL_KINDS = ("causal_lm", "seq2seq_lm")
+
+
 @dataclass
 class ModelConfig:
     """The model: a local transformers checkpoint (`pretrained`) or one built from `config` (tiny tests).
@@ -66,6 +70,9 @@ class ModelConfig:
     kind `causal_lm`: a causal language model tuned on instruction tasks; its
     tokenizer comes from `tokenizer` (default: `pretrained`), examples are cut to
     `max_length` tokens, and evaluation generates up to `max_new_tokens` greedily.
+    kind `seq2seq_lm`: an encoder-decoder model (T5 family) on the same tasks: the
+    prompt is the encoder's input (cut to `max_length` tokens), the answer the
+    decoder's labels (cut to `max_new_tokens`, as generation is).
     """
 
     kind: str = "vit"
@@ -220,7 +227,7 @@ class RunConfig:
 
 _CHOICES = {
     "method": ("inflora", "seq_lora", "joint", "simple_cil"),
-    "model.kind": ("vit", "causal_lm"),
+    "model.kind": ("vit", *LANGUAGE_MODEL_KINDS),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "inflora.fold": ("merge", "stack"),
     "inflora.reduce": ("all_reduce", "owner"),
@@ -264,11 +271,11 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"ca.logit_norm (a temperature) must be > 0 or null, got {cfg.ca.logit_norm!r}")
     if not 0.0 <= cfg.ca.mean_decay < 1.0:
         raise ValueError(f"ca.mean_decay must be in [0, 1), got {cfg.ca.mean_decay!r}")
-    if cfg.model.kind == "causal_lm" and (cfg.ca.enabled or cfg.method == "simple_cil"):
+    if cfg.model.kind in LANGUAGE_MODEL_KINDS and (cfg.ca.enabled or cfg.method == "simple_cil"):
         what = "ca.enabled" if cfg.ca.enabled else "method=simple_cil"
         raise ValueError(
             f"{what}: classifier alignment and prototypes need a classification model (model.kind vit); "
-            "this run tunes a causal LM on instruction tasks"
+            f"this run tunes a language model ({cfg.model.kind}) on instruction tasks"
         )
     if cfg.train.max_micro_batch_size is not None and cfg.train.max_micro_batch_size < 1:
         raise ValueError(f"train.max_micro_batch_size must be >= 1 or null, got {cfg.train.max_micro_batch_size!r}")
@@ -292,8 +299,10 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError("model.pretrained (a local checkpoint dir) or model.config (a transformers config) is needed")
     if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_dir():
         raise FileNotFoundError(f"model.pretrained: {cfg.model.pretrained} is not a directory")
-    if cfg.model.kind == "causal_lm" and not (cfg.model.tokenizer or cfg.model.pretrained):
-        raise ValueError("model.kind causal_lm needs model.tokenizer (a local tokenizer dir) or model.pretrained")
+    if cfg.model.kind in LANGUAGE_MODEL_KINDS and not (cfg.model.tokenizer or cfg.model.pretrained):
+        raise ValueError(
+            f"model.kind {cfg.model.kind} needs model.tokenizer (a local tokenizer dir) or model.pretrained"
+        )
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).is_dir():
         raise FileNotFoundError(f"model.tokenizer: {cfg.model.tokenizer} is not a directory")
     if not cfg.data.tasks:

@@ -77,11 +77,13 @@ class InfLoRA:
         gemm_dtype: torch.dtype | None = None,
         bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES,
         planned_tasks: int | None = None,
+        mask_sides: Mapping[str, str] | None = None,
     ) -> None:
         """`accumulation_dtype` (default float64) and `gemm_dtype` (default: float64 on CPU, float32 on
         accelerators) are the covariance sums' and each batch's x^T x; `bucket_bytes` caps one reduction
         bucket (see covariance.py). `planned_tasks` is DualGPM's threshold horizon T (default: the layers'
-        task count)."""
+        task count). `mask_sides` names each group's token mask when a model's layers read different tokens
+        (encoder-decoder: see CovarianceCollector)."""
         if reduce not in REDUCE_MODES:
             raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
         self.report = report
@@ -97,6 +99,7 @@ class InfLoRA:
             dtype=accumulation_dtype or torch.float64,
             gemm_dtype=gemm_dtype,
             bucket_bytes=bucket_bytes,
+            sides=mask_sides,
         )
         self.owners = assign_owners(report.dims, dist.get_world_size()) if reduce == "owner" else None
 

@@ -59,7 +59,9 @@ class CovarianceCollector:
     `capturing()` around the pass and `token_mask(mask)` around each batch whose
     tokens carry padding: `mask` has the shape of the input without its last
     dimension (e.g. (batch, seq)), or a leading part of it ((batch,) weights
-    whole rows); 1 for real tokens, 0 for padding.
+    whole rows); 1 for real tokens, 0 for padding. A model whose layers read
+    different tokens (an encoder-decoder) passes a dict of masks by side, and
+    `sides` names each group's side.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class CovarianceCollector:
         dtype: torch.dtype = torch.float64,
         gemm_dtype: torch.dtype | None = None,
         bucket_bytes: int = dist.DEFAULT_BUCKET_BYTES,
+        sides: Mapping[str, str] | None = None,
     ):
         if set(modules) != set(dims):
             raise ValueError(f"modules and dims name different groups: {sorted(set(modules) ^ set(dims))}")
@@ -79,11 +82,12 @@ class CovarianceCollector:
         self.dtype = dtype  # of the running sums
         self.gemm_dtype = gemm_dtype  # of each batch's x^T x; None: default_gemm_dtype of the activations' device
         self.bucket_bytes = bucket_bytes
+        self.sides = dict(sides) if sides is not None else None  # group -> key of its mask in a dict of masks
         #: What the last reduction sent: {"bytes": ..., "collectives": ...} (for benchmarks and logs).
         self.last_reduction: dict[str, int] = {}
         self.sums: dict[str, torch.Tensor] = {}  # (d, d), allocated on first use
         self.counts: dict[str, torch.Tensor] = {}  # scalar, same dtype as the sums
-        self._mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | Mapping[str, torch.Tensor] | None = None
 
     @property
     def groups(self) -> list[str]:
@@ -112,6 +116,10 @@ class CovarianceCollector:
                 count += x.shape[0]
                 return
             mask = self._mask
+            if isinstance(mask, Mapping):
+                if self.sides is None:
+                    raise ValueError(f"masks by side {sorted(mask)} need the collector's sides (group -> side)")
+                mask = mask[self.sides[group]]
             lead = args[0].shape[:-1]  # (batch, seq) for transformers
             if tuple(mask.shape) != tuple(lead[: mask.ndim]):
                 raise ValueError(
@@ -145,8 +153,9 @@ class CovarianceCollector:
                 h.remove()
 
     @contextlib.contextmanager
-    def token_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
-        """Weight the tokens of the forward passes in this block by `mask` (0 = padding)."""
+    def token_mask(self, mask: torch.Tensor | Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+        """Weight the tokens of the forward passes in this block by `mask` (0 = padding), or by each group's
+        side's mask."""
         self._mask = mask
         try:
             yield

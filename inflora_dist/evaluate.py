@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,10 @@ from typing import Any
 from tqdm import tqdm
 
 from inflora_dist import dist
+from inflora_dist.config import LANGUAGE_MODEL_KINDS
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import key_value_option
-from inflora_dist.engine import shutdown_distributed
+from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 from inflora_dist.workloads import score_task
 
@@ -71,7 +71,7 @@ def heads_for(tasks: TaskSequenceConfig, records: Sequence[dict[str, Any]], lear
 def evaluate(trained: TrainedRun, tasks: TaskSequenceConfig, batch_size: int) -> dict[str, Any]:
     """The scores (%) of `trained` on every task of `tasks`, by matrix, with their averages. Collective."""
     workload, cfg = trained.workload, trained.cfg
-    vision = trained.cfg.model.kind != "causal_lm"
+    vision = trained.cfg.model.kind not in LANGUAGE_MODEL_KINDS
     if vision and tasks.kind != "classification":
         raise ValueError(f"the run trained a classifier; {tasks.kind} tasks cannot be scored with it")
     if not vision and tasks.kind != "instruction":
@@ -136,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

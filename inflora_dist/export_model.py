@@ -13,12 +13,11 @@ finished task (trained.py).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from inflora_dist import dist
-from inflora_dist.engine import shutdown_distributed
+from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 
 
@@ -40,4 +39,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -22,6 +22,11 @@ DEFAULT_SHARED_INPUTS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),  # Llama, Qwen2, Mistral; ViT and DINOv2 in transformers >= 5
     ("query", "key", "value"),  # ViT, DINOv2, BERT in transformers < 5
     ("gate_proj", "up_proj"),  # Llama-style gated MLP
+    # T5: q/k/v of self-attention read the block's input; the cross-attention's k and v read the encoder's
+    # output, its q the decoder's (a group of its own); wi_0/wi_1 of the gated FFN (T5 v1.1, flan-t5).
+    ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"),
+    ("EncDecAttention.k", "EncDecAttention.v"),
+    ("DenseReluDense.wi_0", "DenseReluDense.wi_1"),
 )
 
 
@@ -72,12 +77,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _group_name(name: str, shared_inputs: Sequence[Sequence[str]], targets: set[str]) -> str:
-    parent, _, leaf = name.rpartition(".")
+    """`<prefix><member>+<member>...` for a module whose name ends in one of a sibling set's names (a name may
+    carry its parent: `EncDecAttention.k`), listing the set's matched members; else the name itself."""
     for siblings in shared_inputs:
-        if leaf in siblings:
-            members = [s for s in siblings if (f"{parent}.{s}" if parent else s) in targets]
-            prefix = f"{parent}." if parent else ""
-            return prefix + "+".join(members)
+        for sibling in siblings:
+            if name == sibling or name.endswith("." + sibling):
+                prefix = name[: len(name) - len(sibling)]
+                return prefix + "+".join(s for s in siblings if prefix + s in targets)
     return name
 
 

@@ -93,6 +93,12 @@ class InfLoRALinear(nn.Module):
         return self._status[task_id]
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads it (T5 casts its FFN input to `wo.weight.dtype`),
+        as PEFT's tuner layers expose it."""
+        return self.base_layer.weight
+
+    @property
     def active_task(self) -> int | None:
         """The task whose B trains now, if any."""
         return next((t for t, s in enumerate(self._status) if s == TRAINING), None)

@@ -145,6 +145,7 @@ class ContinualTrainer:
             gemm_dtype=_DTYPES[cfg.inflora.covariance_gemm_dtype],
             bucket_bytes=cfg.inflora.reduce_bucket_bytes,
             planned_tasks=cfg.inflora.planned_tasks,
+            mask_sides=self.workload.mask_sides(report.groups),
         )
         # The pre-trained weights the branches adapt, as loaded (before any merge): compared before every stage.
         start = time.perf_counter()

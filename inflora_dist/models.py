@@ -1,4 +1,4 @@
-"""Models: a transformers vision backbone with one classifier head per task, or a causal LM.
+"""Models: a transformers vision backbone with one classifier head per task, a causal LM or an encoder-decoder LM.
 
 Models are loaded with `from_pretrained` from a local directory, or built from
 a transformers config (`model_type` plus its fields) for tiny test models.
@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from inflora_dist.config import ModelConfig
 
@@ -34,6 +41,11 @@ def load_backbone(cfg: ModelConfig, auto_class: type = AutoModel) -> nn.Module:
 def load_causal_lm(cfg: ModelConfig) -> nn.Module:
     """A transformers causal LM (`AutoModelForCausalLM`), pre-trained or built from `cfg.config`."""
     return load_backbone(cfg, AutoModelForCausalLM)
+
+
+def load_seq2seq_lm(cfg: ModelConfig) -> nn.Module:
+    """A transformers encoder-decoder LM (`AutoModelForSeq2SeqLM`, e.g. T5), pre-trained or built from `cfg.config`."""
+    return load_backbone(cfg, AutoModelForSeq2SeqLM)
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -340,6 +340,7 @@ def collect_in_passes(
             dtype=collector.dtype,
             gemm_dtype=collector.gemm_dtype,
             bucket_bytes=collector.bucket_bytes,
+            sides=collector.sides,
         )
         if dist.is_main_process():
             logger.info("covariance pass %d/%d: %d group(s)", p + 1, plan.num_passes, len(groups))

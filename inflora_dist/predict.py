@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inflora_dist.engine import shutdown_distributed
+from inflora_dist.config import LANGUAGE_MODEL_KINDS
+from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.trained import TrainedRun, add_run_arguments
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"no such file: {', '.join(missing)}")
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's start-up prints: stdout carries the results
         trained = TrainedRun(args.run, args.checkpoint)
-    llm = trained.cfg.model.kind == "causal_lm"
+    llm = trained.cfg.model.kind in LANGUAGE_MODEL_KINDS
     if llm != prompting:
         kind = "an LLM" if llm else "a vision"
         parser.error(f"{args.run} is {kind} run: give {'--prompt/--prompts' if llm else 'image files'}")
@@ -121,4 +122,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

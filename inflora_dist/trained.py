@@ -24,7 +24,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, class_statistics_state, restore_model_state
-from inflora_dist.config import RunConfig, load_run_config
+from inflora_dist.config import LANGUAGE_MODEL_KINDS, RunConfig, load_run_config
 from inflora_dist.data.spec import InstructionSpec, TaskSequenceConfig, TaskSpec
 from inflora_dist.engine import build_inference_engine, init_distributed
 from inflora_dist.inject import inject_inflora
@@ -76,7 +76,7 @@ def _run_sequence(records: list[dict[str, Any]], kind: str) -> TaskSequenceConfi
         )
         for r in records
     ]
-    return TaskSequenceConfig(kind="instruction" if kind == "causal_lm" else "classification", tasks=tasks)
+    return TaskSequenceConfig(kind="instruction" if kind in LANGUAGE_MODEL_KINDS else "classification", tasks=tasks)
 
 
 class TrainedRun:
@@ -117,7 +117,8 @@ class TrainedRun:
         self.learned = [r["name"] for r in self.records] if self.cfg.method == "joint" else [
             r["name"] for r in self.records[:finished]
         ]  # fmt: skip
-        seq = workload_sequence if workload_sequence is not None and self.cfg.model.kind == "causal_lm" else None
+        language = self.cfg.model.kind in LANGUAGE_MODEL_KINDS
+        seq = workload_sequence if workload_sequence is not None and language else None
         self.workload: Workload = build_workload(self.cfg, seq or self.sequence, self.device)
         report = inject_inflora(
             self.workload.model, self.cfg.inflora.targets, self.cfg.inflora.rank, stages,

@@ -9,6 +9,8 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
     loss(engine, batch, ts)   the summed loss of a micro-batch of stage tasks `ts`
     token_mask / forward      one no-grad forward for the covariance passes, padding masked (returns the
                               features of the class statistics, for classification)
+    mask_sides(groups)        which of token_mask's masks each input group follows (encoder-decoder models
+                              have two; None: one mask for all)
     statistics                the seen classes' statistics (classification; None for instruction tuning)
     score(engine, raw, t)     summed evaluation scores of task t's reader batch (all-reduced by the loop)
     matrices / finish(sums)   the accuracy matrices the scores fill (the first is the primary one)
@@ -19,7 +21,8 @@ with all heads (class-incremental), with the task's own head (task-incremental),
 and by the nearest class mean (prototypes); optional classifier alignment.
 Instruction tuning (O-LoRA / TRACE setting): loss on response tokens only;
 evaluation generates greedily and scores each task by its spec's metric (exact
-match of label words, or ROUGE-L), in percent.
+match of label words, or ROUGE-L), in percent; a causal LM reads prompt and
+response as one sequence, an encoder-decoder LM (T5) the prompt in its encoder.
 """
 
 from __future__ import annotations
@@ -39,10 +42,26 @@ from inflora_dist.alignment import align_classifier
 from inflora_dist.class_stats import ClassStatistics, ClassSums, nearest_mean
 from inflora_dist.config import CAConfig, RunConfig
 from inflora_dist.data import TaskSequenceConfig
-from inflora_dist.data.text import IGNORE, SCORERS, collate_examples, collate_prompts, response_loss
+from inflora_dist.data.text import (
+    IGNORE,
+    SCORERS,
+    collate_examples,
+    collate_prompts,
+    collate_seq2seq,
+    collate_sources,
+    label_loss,
+    response_loss,
+)
 from inflora_dist.export import export_classifier_heads, export_merged_model
 from inflora_dist.inject import InjectionReport
-from inflora_dist.models import ContinualClassifier, TaskHead, load_backbone, load_causal_lm, load_tokenizer
+from inflora_dist.models import (
+    ContinualClassifier,
+    TaskHead,
+    load_backbone,
+    load_causal_lm,
+    load_seq2seq_lm,
+    load_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +217,11 @@ class ImageClassification:
                         p.copy_(q)
         return losses
 
+    @staticmethod
+    def mask_sides(groups: dict[str, list[str]]) -> dict[str, str] | None:
+        """Which of `token_mask`'s masks each input group's tokens follow: None, one mask for every group."""
+        return None
+
     def prototype_heads(self, upto: int) -> None:
         """Set heads 0..upto to the prototype classifier: weight = unit class mean, bias 0 (SimpleCIL). Collective."""
         assert self.statistics is not None
@@ -218,13 +242,16 @@ class InstructionTuning:
     zero_shot = True  # the pre-trained model answers every task before any training
     statistics: ClassStatistics | None = None  # no classes: no class statistics
 
+    load_model = staticmethod(load_causal_lm)
+    mask_sides = staticmethod(ImageClassification.mask_sides)  # one mask for every group
+
     def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
         if seq.kind != "instruction":
-            raise ValueError(f"model.kind causal_lm trains instruction tasks, the task sequence is {seq.kind}")
+            raise ValueError(f"model.kind {cfg.model.kind} trains instruction tasks, the task sequence is {seq.kind}")
         self.device, self.seq = device, seq
         self.max_length = cfg.model.max_length
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model: nn.Module = load_causal_lm(cfg.model).to(device)
+        self.model: nn.Module = self.load_model(cfg.model).to(device)
         self.system_prompts = {t.name: t.instruction.system_prompt if t.instruction else None for t in seq.tasks}
         # Generation under ZeRO-3 with several ranks: every rank runs forwards until all are done.
         self.synced = cfg.deepspeed.zero_stage == 3 and dist.get_world_size() > 1
@@ -302,6 +329,80 @@ class InstructionTuning:
         return [100.0 * float(sums[0] / sums[1])]
 
 
+class Seq2SeqInstructionTuning(InstructionTuning):
+    """An encoder-decoder LM (T5 family) taught instruction tasks: the prompt is the encoder's input, the
+    answer the decoder's labels; scored by generation like the causal LM.
+
+    Its layers read two kinds of tokens, so the covariance passes weight each input group by its own mask:
+    encoder layers and the cross-attention's k and v (they read the encoder's output) by the prompt's
+    padding mask, the decoder's other layers by the labels' (T5's module names: `encoder.` / `decoder.`,
+    `EncDecAttention.k|v`).
+    """
+
+    peft_task_type: str | None = "SEQ_2_SEQ_LM"
+    load_model = staticmethod(load_seq2seq_lm)
+
+    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
+        super().__init__(cfg, seq, device)
+        model_type = self.model.config.model_type
+        if model_type not in SEQ2SEQ_MODEL_TYPES:
+            raise ValueError(
+                f"model.kind seq2seq_lm supports the T5 family {SEQ2SEQ_MODEL_TYPES} (their module names tell which "
+                f"layers read the encoder's output); this model is {model_type!r}"
+            )
+        self.max_target = cfg.model.max_new_tokens
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tensors = collate_seq2seq(self.tokenizer, batch["json"], batch["weight"], self.max_length, self.max_target)
+        return {k: v.to(self.device) for k, v in tensors.items()}
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"] != IGNORE).sum()
+
+    def _forward(self, engine: Any, batch: dict[str, torch.Tensor]) -> Any:
+        # With labels the model builds the decoder's inputs (the labels shifted right, pad for -100).
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], tasks: Sequence[int]) -> torch.Tensor:
+        return label_loss(self._forward(engine, batch).logits, batch["labels"])[0]
+
+    def token_mask(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        # Decoder position i reads label i - 1 (or the start token): real exactly where label i is real.
+        return {
+            "encoder": batch["attention_mask"] * batch["weight"].unsqueeze(1),
+            "decoder": (batch["labels"] != IGNORE).to(batch["weight"].dtype),
+        }
+
+    def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
+        self._forward(engine, batch)
+
+    @staticmethod
+    def mask_sides(groups: dict[str, list[str]]) -> dict[str, str]:
+        return {g: "encoder" if all(_reads_encoder(n) for n in names) else "decoder" for g, names in groups.items()}
+
+    def generate(self, engine: Any, rows: Sequence[dict[str, str]], max_new_tokens: int) -> list[str]:
+        """Greedy answers: the decoder's output for each prompt, special tokens dropped."""
+        sources = {k: v.to(self.device) for k, v in collate_sources(self.tokenizer, rows, self.max_length).items()}
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            decoder_start_token_id=self.model.config.decoder_start_token_id,
+        )
+        out = engine.module.generate(**sources, generation_config=config, synced_gpus=self.synced)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+#: The encoder-decoder families whose module names `Seq2SeqInstructionTuning` reads.
+SEQ2SEQ_MODEL_TYPES = ("t5", "mt5", "umt5")
+
+
+def _reads_encoder(module: str) -> bool:
+    """Whether a T5 module's input is encoder tokens: the encoder's layers and the cross-attention's k, v."""
+    return module.startswith("encoder.") or module.endswith((".EncDecAttention.k", ".EncDecAttention.v"))
+
+
 Workload = ImageClassification | InstructionTuning
 
 
@@ -323,4 +424,6 @@ def build_workload(cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device
     torch.manual_seed(cfg.seed)
     if cfg.model.kind == "causal_lm":
         return InstructionTuning(cfg, seq, device)
+    if cfg.model.kind == "seq2seq_lm":
+        return Seq2SeqInstructionTuning(cfg, seq, device)
     return ImageClassification(cfg, seq, device)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 
 from inflora_dist.config import load_run_config
-from inflora_dist.engine import shutdown_distributed
+from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.loop import ContinualTrainer
 from inflora_dist.trained import configure_logging
 
@@ -41,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -69,6 +69,7 @@ def _branches(out: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(str(last / "state.safetensors")).items() if "lora_" in k or "memory." in k}
 
 
+@pytest.mark.timeout(1200)  # three runs, each under the suite's 600 s; on 2 busy cores the sum can pass it
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_three_tasks_extended_by_two_equal_five_in_one_go(data, tmp_path, nproc):
     whole, grown = tmp_path / "whole", tmp_path / "grown"

@@ -157,3 +157,24 @@ def test_superni_llama2_configs_are_valid_run_configs(order, tmp_path):
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.global_batch_size) == (3e-4, 100, 32)
     assert cfg.train.lr_schedule == "constant" and lr_factor(cfg.train.lr_schedule, 90, 100) == 1.0
     assert lr_factor("cosine", 50, 100) == pytest.approx(2**-0.5)  # the default decays
+
+
+@pytest.mark.parametrize(
+    ("name", "tasks", "rank", "lr", "epochs"),
+    [("t5_large_olora_standard", "olora_standard_order1", 8, 1e-3, 1),
+     ("t5_large_olora_long", "olora_long_order4", 8, 1e-3, 1),
+     ("t5_large_superni_order1", "superni_order1", 4, 3e-4, 100)],
+)  # fmt: skip
+def test_t5_large_configs_are_valid_run_configs(name, tasks, rank, lr, epochs, tmp_path):
+    """The T5-large configs (O-LoRA's standard and long benchmarks, GainLoRA's SuperNI) validate once the
+    user's paths exist; they train an encoder-decoder (model.kind seq2seq_lm) on q and v, bf16 under ZeRO-3."""
+    model, sequence = tmp_path / "t5-large", tmp_path / "tasks.yaml"
+    model.mkdir()
+    sequence.write_text("kind: instruction\n")
+    raw = read_yaml(str(REPO / "configs" / "t5" / f"{name}.yaml"))
+    assert raw.model.pretrained == "/path/to/t5-large" and raw.data.tasks == f"runs/shards/{tasks}/tasks.yaml"
+    cfg = merge_structured(RunConfig, raw, overrides=[f"model.pretrained={model}", f"data.tasks={sequence}"])
+    validate_run_config(cfg)
+    assert cfg.model.kind == "seq2seq_lm" and cfg.model.dtype == "bfloat16" and cfg.deepspeed.zero_stage == 3
+    assert (cfg.model.max_length, cfg.model.max_new_tokens) == (512, 50) and cfg.inflora.targets == ["q", "v"]
+    assert (cfg.inflora.rank, cfg.train.lr, cfg.train.epochs, cfg.train.lr_schedule) == (rank, lr, epochs, "constant")

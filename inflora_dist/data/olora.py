@@ -28,8 +28,8 @@ Published numbers to compare against (average accuracy, %, over all tasks after 
 * O-LoRA on T5-large (arXiv:2310.14152, Table 1): standard benchmark 75.8 (orders 1/2/3: 75.4 / 75.7 / 76.3),
   long benchmark 69.6 (orders 4/5/6: 72.3 / 64.8 / 71.6). The two averages are the paper's headline numbers;
   the per-order values were taken from a secondary summary of that table (their means give 75.8 and 69.6).
-  T5-large is an encoder-decoder model, which this framework does not run (decoder-only causal LMs only,
-  `model.kind: causal_lm`), so a LLaMA-2-7B run is compared against them across models.
+  T5-large is an encoder-decoder model: `configs/t5/t5_large_olora_{standard,long}.yaml` run it
+  (`model.kind: seq2seq_lm`); `configs/olora/` compares a LLaMA-2-7B run against them across models.
 * On LLaMA models: the O-LoRA paper's LLaMA-7B (LLaMA-1) experiment (Alpaca instruction-tuned first, then the
   standard benchmark, order 1) reports 76.8 for O-LoRA. "Merge before Forget" (Qiao & Mahdavi,
   arXiv:2512.23017, main results table) reports, on LLaMA-2-7B-chat, O-LoRA 77.2 (standard) / 73.5 (long) and

@@ -90,12 +90,7 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     Summed, not averaged, so the caller can average over every response token of
     an optimizer step whatever the ranks and accumulation (as the image loop does with rows).
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, (shift_labels != IGNORE).sum()
+    return label_loss(logits[:, :-1], labels[:, 1:])  # position i predicts token i + 1
 
 
 def collate_prompts(
@@ -118,6 +113,55 @@ def collate_prompts(
         input_ids[i, width - len(ids) :] = torch.tensor(ids)
         mask[i, width - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------- encoder-decoder models
+def source_ids(tokenizer: Any, prompt: str, max_length: int) -> list[int]:
+    """The encoder's token ids of a prompt, cut at the end to `max_length` (as GainLoRA's and O-LoRA's T5
+    collators cut the source); the tokenizer adds its own special tokens (T5: the closing </s>)."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"][:max_length]
+
+
+def target_ids(tokenizer: Any, response: str, max_length: int) -> list[int]:
+    """The decoder's labels of a response: its tokens cut to `max_length` - 1, then end-of-sequence."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids[: max_length - len(eos)] + eos
+
+
+def collate_sources(tokenizer: Any, rows: Sequence[Mapping[str, str]], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded encoder `input_ids` and `attention_mask` (B, S) of the rows' prompts."""
+    sources = [source_ids(tokenizer, r["prompt"], max_length) for r in rows]
+    width = max(len(ids) for ids in sources)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, ids in enumerate(sources):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def collate_seq2seq(
+    tokenizer: Any, rows: Sequence[Mapping[str, str]], weights: torch.Tensor, max_source: int, max_target: int
+) -> dict[str, torch.Tensor]:
+    """Encoder `input_ids` / `attention_mask` (B, S), decoder `labels` (B, T; -100 on padding, and on every
+    position of a weight-0 row, the reader's padding rows) and the row `weight` (B,)."""
+    batch = collate_sources(tokenizer, rows, max_source)
+    targets = [target_ids(tokenizer, r["response"], max_target) for r in rows]
+    labels = torch.full((len(rows), max(map(len, targets))), IGNORE, dtype=torch.long)
+    for i, (ids, w) in enumerate(zip(targets, weights.tolist(), strict=True)):
+        if w > 0:
+            labels[i, : len(ids)] = torch.tensor(ids)
+    return {**batch, "labels": labels, "weight": weights.float()}
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropies of the decoder's logits against its labels, number of label tokens): the
+    encoder-decoder form of `response_loss` (position i predicts label i; no shift)."""
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, (labels != IGNORE).sum()
 
 
 # ---------------------------------------------------------------- scoring generations
