@@ -12,9 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import LLM_CONFIG, REPO, results, train
-
-from inflora_dist.data.build_shards import main as build_shards
+from trainer_runs import (
+    LLM_CONFIG,
+    REPO,
+    evaluate_under_torchrun,
+    language_runs,
+    llm_demo_shards,
+    predict_prompts,
+    results,
+    train,
+)
 
 TOKENIZER = REPO / "assets" / "smollm2-135m-instruct" / "tokenizer.json"
 pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="the SmolLM2 asset is not built (make assets)")
@@ -22,30 +29,13 @@ pytestmark = pytest.mark.skipif(not TOKENIZER.exists(), reason="the SmolLM2 asse
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("llm") / "shards"
-    build_shards(["llm-demo", "--out", str(out), "--per-label", "8", "--eval-fraction", "0.25", "--shard-size", "10",
-                  "--quiet"])  # fmt: skip
-    return out
+    return llm_demo_shards(tmp_path_factory.mktemp("llm") / "shards")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shards):
     """Finished tiny-LLM runs by (processes, ZeRO stage, dtype), each made once per module."""
-    root = tmp_path_factory.mktemp("llm_runs")
-    done: dict[tuple[int, int, str], Path] = {}
-
-    def get(nproc: int, stage: int, dtype: str = "float32") -> Path:
-        key = (nproc, stage, dtype)
-        if key not in done:
-            out = root / f"p{nproc}-z{stage}-{dtype}"
-            extra = [f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}", "export.merged_model=true"]
-            if stage == 3:  # partition even the tiny model's parameters
-                extra.append("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
-            train(nproc, out, *extra, shards=shards, config=LLM_CONFIG)
-            done[key] = out
-        return done[key]
-
-    return get
+    return language_runs(tmp_path_factory.mktemp("llm_runs"), shards, LLM_CONFIG)
 
 
 def test_one_process_run_scores_every_task_by_its_metric(runs):
@@ -130,33 +120,17 @@ def test_other_causal_lm_families_train(shards, tmp_path, family, targets):
 def test_evaluate_and_predict_use_the_trained_llm(runs, shards, tmp_path):
     """`evaluate` on the run's tasks gives its last row (torchrun, 2 processes, ZeRO-3); `predict --prompts` answers
     as plain transformers generating greedily from the run's merged export."""
-    import subprocess
-    import sys
-
-    from trainer_runs import env
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inflora_dist.data.text import collate_prompts
-    from inflora_dist.dist import free_port
 
     run = runs(2, 3)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
-    evaluate = ["inflora_dist.evaluate", "--run-dir", str(run), "--tasks", str(shards / "tasks.yaml")]
-    args = [*launcher, *evaluate, "--out", str(tmp_path / "eval.json")]
-    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = evaluate_under_torchrun(run, shards / "tasks.yaml", tmp_path / "eval.json")
     assert result["scores"]["accuracy"] == results(run)[0]["accuracy_matrix"][-1]
     assert result["task_metrics"] == ["exact_match", "exact_match", "rouge_l"]
 
     prompts = ["Classify the sentiment: what a lovely day", "Who wrote Hamlet?"]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    proc = subprocess.run([sys.executable, "-m", "inflora_dist.predict", "--run", str(run), "--prompts",
-                           str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "6"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    answers = predict_prompts(run, prompts, tmp_path, max_new_tokens=6)
     assert [a["prompt"] for a in answers] == prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(run / "model"))

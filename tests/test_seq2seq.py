@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import REPO, results, train
+from trainer_runs import REPO, evaluate_under_torchrun, language_runs, llm_demo_shards, predict_prompts, results
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from inflora_dist.covariance import CovarianceCollector
-from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.data.text import IGNORE, collate_seq2seq, label_loss
 from inflora_dist.inject import inject_inflora
 from inflora_dist.workloads import Seq2SeqInstructionTuning
@@ -97,30 +96,13 @@ def test_covariance_masks_make_a_padded_batch_count_its_rows_alone():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("t5") / "shards"
-    build_shards(["llm-demo", "--out", str(out), "--per-label", "8", "--eval-fraction", "0.25", "--shard-size", "10",
-                  "--quiet"])  # fmt: skip
-    return out
+    return llm_demo_shards(tmp_path_factory.mktemp("t5") / "shards")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shards):
     """Finished tiny-T5 runs by (processes, ZeRO stage, dtype), each made once per module."""
-    root = tmp_path_factory.mktemp("t5_runs")
-    done: dict[tuple[int, int, str], Path] = {}
-
-    def get(nproc: int, stage: int, dtype: str = "float32") -> Path:
-        key = (nproc, stage, dtype)
-        if key not in done:
-            out = root / f"p{nproc}-z{stage}-{dtype}"
-            extra = [f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}", "export.merged_model=true"]
-            if stage == 3:  # partition even the tiny model's parameters
-                extra.append("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
-            train(nproc, out, *extra, shards=shards, config=T5_CONFIG)
-            done[key] = out
-        return done[key]
-
-    return get
+    return language_runs(tmp_path_factory.mktemp("t5_runs"), shards, T5_CONFIG)
 
 
 def test_one_process_t5_run_trains_scores_and_exports_a_seq2seq_adapter(runs):
@@ -139,33 +121,16 @@ def test_one_process_t5_run_trains_scores_and_exports_a_seq2seq_adapter(runs):
 def test_evaluate_and_predict_use_the_trained_t5(runs, shards, tmp_path):
     """`evaluate` under torchrun (2 processes, ZeRO-3) gives the run's last row; `predict --prompts` answers as
     plain transformers' AutoModelForSeq2SeqLM generating greedily from the run's merged export."""
-    import subprocess
-    import sys
-
-    from trainer_runs import env
     from transformers import AutoModelForSeq2SeqLM
 
     from inflora_dist.data.text import collate_sources
-    from inflora_dist.dist import free_port
 
     run = runs(2, 3)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
-    evaluate = ["inflora_dist.evaluate", "--run-dir", str(run), "--tasks", str(shards / "tasks.yaml")]
-    args = [*launcher, *evaluate, "--out", str(tmp_path / "eval.json")]
-    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        json.loads((tmp_path / "eval.json").read_text())["scores"]["accuracy"] == results(run)[0]["accuracy_matrix"][-1]
-    )
+    result = evaluate_under_torchrun(run, shards / "tasks.yaml", tmp_path / "eval.json")
+    assert result["scores"]["accuracy"] == results(run)[0]["accuracy_matrix"][-1]
 
     prompts = ["Classify the sentiment: what a lovely day", "Who wrote Hamlet?"]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    proc = subprocess.run([sys.executable, "-m", "inflora_dist.predict", "--run", str(run), "--prompts",
-                           str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "6"],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = [json.loads(line)["answer"] for line in proc.stdout.splitlines()]
+    answers = [a["answer"] for a in predict_prompts(run, prompts, tmp_path, max_new_tokens=6)]
     tokenizer = AutoTokenizer.from_pretrained(str(run / "model"))
     model = AutoModelForSeq2SeqLM.from_pretrained(str(run / "model")).eval()
     for prompt, got in zip(prompts, answers, strict=True):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -77,3 +78,50 @@ def heads_and_statistics(out: Path) -> dict:
     tensors = {k: v for k, v in load_file(str(last / "state.safetensors")).items() if k.startswith("heads.")}
     tensors.update({f"stats.{k}": v for k, v in load_file(str(out / "class_statistics.safetensors")).items()})
     return tensors
+
+
+def llm_demo_shards(out: Path) -> Path:
+    """The demo's 3 packaged instruction tasks in the LLM tests' small sizes, written to `out`."""
+    build_shards(["llm-demo", "--out", str(out), "--per-label", "8", "--eval-fraction", "0.25", "--shard-size", "10",
+                  "--quiet"])  # fmt: skip
+    return out
+
+
+def language_runs(root: Path, shards: Path, config: Path) -> Callable[..., Path]:
+    """get(processes, ZeRO stage, dtype="float32"): a finished run of a language-model `config` on `shards`, made
+    on first use (each test module keeps one), with the merged model exported."""
+    done: dict[tuple[int, int, str], Path] = {}
+
+    def get(nproc: int, stage: int, dtype: str = "float32") -> Path:
+        key = (nproc, stage, dtype)
+        if key not in done:
+            out = root / f"p{nproc}-z{stage}-{dtype}"
+            extra = [f"deepspeed.zero_stage={stage}", f"model.dtype={dtype}", "export.merged_model=true"]
+            if stage == 3:  # partition even the tiny model's parameters
+                extra.append("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}")
+            train(nproc, out, *extra, shards=shards, config=config)
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+def evaluate_under_torchrun(run: Path, tasks: Path, out: Path, nproc: int = 2) -> dict:
+    """`python -m inflora_dist.evaluate --run-dir RUN --tasks TASKS` under torchrun; its metrics JSON."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m"]
+    args = [*launcher, "inflora_dist.evaluate", "--run-dir", str(run), "--tasks", str(tasks), "--out", str(out)]
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def predict_prompts(run: Path, prompts: list[str], scratch: Path, max_new_tokens: int) -> list[dict]:
+    """`python -m inflora_dist.predict --run RUN --prompts FILE`: one {"prompt", "answer"} per prompt."""
+    path = scratch / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    args = [sys.executable, "-m", "inflora_dist.predict", "--run", str(run), "--prompts", str(path),
+            "--max-new-tokens", str(max_new_tokens)]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
