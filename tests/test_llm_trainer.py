@@ -15,6 +15,7 @@ import torch
 from trainer_runs import (
     LLM_CONFIG,
     REPO,
+    assert_bf16_runs_agree,
     evaluate_under_torchrun,
     language_runs,
     llm_demo_shards,
@@ -85,22 +86,12 @@ def test_bf16_base_with_fp32_adapters_under_zero3(runs):
 
     Task 0's A comes from the frozen model's covariance: equal. After that, bf16 training of
     differently padded batches rounds differently, so later A and the protected subspaces
-    (compared as projectors: a basis is not unique) agree closely, not exactly. Measured
-    max differences: A 0.04, projectors 0.03.
+    (compared as projectors: a basis is not unique) agree closely, not exactly. Measured on the
+    demo's tasks: projectors within 0.03, every A within 0.03 but one (0.32: a turned direction).
     """
     _, ref_state = results(runs(1, 0, "bfloat16"))
     metrics, state = results(runs(2, 3, "bfloat16"))
-    assert sorted(state) == sorted(ref_state)
-    for name, tensor in state.items():
-        ref = ref_state[name]
-        assert tensor.dtype in (torch.float32, torch.float64), name  # the adapters and memories stay fp32/fp64
-        if name.endswith(".A.0"):
-            torch.testing.assert_close(tensor, ref, rtol=0, atol=1e-6, msg=name)
-        elif name.endswith("old_basis"):
-            assert tensor.shape == ref.shape, name
-            torch.testing.assert_close(tensor @ tensor.T, ref @ ref.T, rtol=0, atol=0.1, msg=name)
-        else:
-            torch.testing.assert_close(tensor, ref, rtol=0, atol=0.1, msg=name)
+    assert_bf16_runs_agree(state, ref_state)
     assert len(metrics["accuracy_matrix"]) == 3
 
 

