@@ -161,3 +161,14 @@ def test_rouge_l_is_the_benchmarks_rouge_score(prediction, reference, by_hand):
     package = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
     assert math.isclose(rouge_l(prediction, reference), package, abs_tol=1e-12)
     assert math.isclose(rouge_l(prediction, reference), by_hand, abs_tol=1e-12)
+
+
+def test_importing_the_trainer_leaves_logging_unconfigured():
+    """No import configures the root logger (rouge-score's scorer logs through absl, which calls basicConfig on
+    a first log): the entry points' own logging.basicConfig must take effect, or rank 0's INFO lines are lost."""
+    import subprocess
+    import sys
+
+    code = "import logging, inflora_dist.loop, inflora_dist.evaluate; print(len(logging.root.handlers))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "0", out.stderr[-2000:]

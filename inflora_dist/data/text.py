@@ -12,6 +12,7 @@ label -100, and rows of weight 0 (the reader's padding rows) carry no label at a
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -169,7 +170,13 @@ def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 # exact match after SQuAD v1.1's normalisation without the article removal, and the `rouge-score`
 # package's ROUGE-L F-measure with its default tokenizer and the Porter stemmer.
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-_ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+@functools.cache
+def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+    # Built on first use, not at import: its constructor logs through absl, whose first log call runs
+    # logging.basicConfig() when the root logger has no handler yet, which would make ours a no-op.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def normalize_answer(text: str) -> str:
@@ -185,7 +192,7 @@ def exact_match(prediction: str, reference: str) -> float:
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure of `rouge-score`'s `RougeScorer(["rougeL"], use_stemmer=True)` (0.0 when either
     side has no word, as that package scores it)."""
-    return _ROUGE_L.score(target=reference, prediction=prediction)["rougeL"].fmeasure
+    return _rouge_l_scorer().score(target=reference, prediction=prediction)["rougeL"].fmeasure
 
 
 SCORERS = {"exact_match": exact_match, "rouge_l": rouge_l}
