@@ -302,14 +302,18 @@ class InstructionTuning:
         """Greedy answers to the rows' prompts (the text after the prompt, special tokens dropped)."""
         prompts = collate_prompts(self.tokenizer, rows, self.max_length, self._system_prompts(rows))
         prompts = {k: v.to(self.device) for k, v in prompts.items()}
-        config = GenerationConfig(
+        out = engine.module.generate(**prompts, generation_config=self._greedy(max_new_tokens), synced_gpus=self.synced)
+        return self.tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def _greedy(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy decoding of at most `max_new_tokens`, stopping at the tokenizer's end-of-sequence."""
+        return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),  # encoder-decoders
         )
-        out = engine.module.generate(**prompts, generation_config=config, synced_gpus=self.synced)
-        return self.tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def score(self, engine: Any, raw: dict[str, Any], task: int, upto: int) -> torch.Tensor:
         """(summed score of the generated answers, rows), weighted, in float64.
@@ -362,8 +366,11 @@ class Seq2SeqInstructionTuning(InstructionTuning):
         return (batch["labels"] != IGNORE).sum()
 
     def _forward(self, engine: Any, batch: dict[str, torch.Tensor]) -> Any:
-        # With labels the model builds the decoder's inputs (the labels shifted right, pad for -100).
-        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # The decoder reads the labels shifted right (pad for -100), built as the model builds them; passing the
+        # labels themselves would make the model compute a loss of its own that label_loss computes again.
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      decoder_input_ids=decoder_input_ids)  # fmt: skip
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], tasks: Sequence[int]) -> torch.Tensor:
         return label_loss(self._forward(engine, batch).logits, batch["labels"])[0]
@@ -385,14 +392,7 @@ class Seq2SeqInstructionTuning(InstructionTuning):
     def generate(self, engine: Any, rows: Sequence[dict[str, str]], max_new_tokens: int) -> list[str]:
         """Greedy answers: the decoder's output for each prompt, special tokens dropped."""
         sources = {k: v.to(self.device) for k, v in collate_sources(self.tokenizer, rows, self.max_length).items()}
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            decoder_start_token_id=self.model.config.decoder_start_token_id,
-        )
-        out = engine.module.generate(**sources, generation_config=config, synced_gpus=self.synced)
+        out = engine.module.generate(**sources, generation_config=self._greedy(max_new_tokens), synced_gpus=self.synced)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
 

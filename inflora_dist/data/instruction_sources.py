@@ -33,34 +33,31 @@ def package_file(distribution: str, suffix: str) -> Path:
 
 def read_conversations(language: str = "english") -> dict[str, list[tuple[str, str]]]:
     """{topic: [(question, answer)]} of chatterbot-corpus (the first two turns of each conversation)."""
-    topics = {}
-    for path in _topic_files(language):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        pairs = [(str(c[0]).strip(), str(c[1]).strip()) for c in data.get("conversations") or [] if len(c) >= 2]
-        if pairs:
-            topics[path.stem] = pairs
-    return topics
+    topics = {topic: [(c[0], c[1]) for c in turns if len(c) >= 2] for topic, turns in _conversations(language).items()}
+    return {topic: pairs for topic, pairs in topics.items() if pairs}
 
 
 def read_lines(language: str = "english", min_words: int = 3, max_words: int = 30) -> dict[str, list[str]]:
     """{topic: the distinct lines (every turn) of chatterbot-corpus/<language>/<topic>.yml with `min_words` to
     `max_words` words, sorted}."""
-    topics = {}
-    for path in _topic_files(language):
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        lines = {str(turn).strip() for c in data.get("conversations") or [] for turn in c}
-        lines = sorted(t for t in lines if min_words <= len(t.split()) <= max_words)
-        if lines:
-            topics[path.stem] = lines
-    return topics
+    topics = {
+        topic: sorted({t for c in turns for t in c if min_words <= len(t.split()) <= max_words})
+        for topic, turns in _conversations(language).items()
+    }
+    return {topic: lines for topic, lines in topics.items() if lines}
 
 
-def _topic_files(language: str) -> list[Path]:
+def _conversations(language: str) -> dict[str, list[list[str]]]:
+    """{topic: its conversations, each a list of stripped turns} of chatterbot-corpus/<language>/<topic>.yml."""
     root = package_file("chatterbot-corpus", "data/english/trivia.yml").parent.parent
     if not (root / language).is_dir():
         languages = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise ValueError(f"chatterbot-corpus has no language {language!r}; it has {languages}")
-    return sorted((root / language).glob("*.yml"))
+    topics = {}
+    for path in sorted((root / language).glob("*.yml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        topics[path.stem] = [[str(turn).strip() for turn in c] for c in data.get("conversations") or []]
+    return topics
 
 
 def language_task(languages: Sequence[str], per_label: int, seed: int = 0) -> list[dict[str, str]]:

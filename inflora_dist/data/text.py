@@ -58,6 +58,25 @@ def _per_row(system_prompt: str | Sequence[str | None] | None, rows: int) -> lis
     return list(system_prompt)
 
 
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _padded(
+    sequences: Sequence[Sequence[int]], value: int, width: int | None = None, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) long tensor of `sequences` padded with `value` on the right (or the left), and its 0/1 mask of
+    real entries; `width` defaults to the longest sequence."""
+    width = max(map(len, sequences)) if width is None else width
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        out[i, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[i, cols] = 1
+    return out, mask
+
+
 def collate_examples(
     tokenizer: Any,
     rows: Sequence[Mapping[str, str]],
@@ -72,16 +91,9 @@ def collate_examples(
     encoded = [
         encode_example(tokenizer, r["prompt"], r["response"], max_length, s) for r, s in zip(rows, systems, strict=True)
     ]
-    width = max(len(ids) for ids, _ in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, ((ids, lab), w) in enumerate(zip(encoded, weights.tolist(), strict=True)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        if w > 0:  # a padding row of the reader trains nothing
-            labels[i, : len(lab)] = torch.tensor(lab)
+    input_ids, mask = _padded([ids for ids, _ in encoded], _pad_id(tokenizer))
+    trained = [lab if w > 0 else [] for (_, lab), w in zip(encoded, weights.tolist(), strict=True)]
+    labels, _ = _padded(trained, IGNORE, width=input_ids.shape[1])  # a padding row of the reader trains nothing
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weight": weights.float()}
 
 
@@ -106,13 +118,7 @@ def collate_prompts(
     """
     systems = _per_row(system_prompt, len(rows))
     prompts = [prompt_ids(tokenizer, r["prompt"], s)[-max_length:] for r, s in zip(rows, systems, strict=True)]
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, ids in enumerate(prompts):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        mask[i, width - len(ids) :] = 1
+    input_ids, mask = _padded(prompts, _pad_id(tokenizer), left=True)
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -132,13 +138,7 @@ def target_ids(tokenizer: Any, response: str, max_length: int) -> list[int]:
 
 def collate_sources(tokenizer: Any, rows: Sequence[Mapping[str, str]], max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded encoder `input_ids` and `attention_mask` (B, S) of the rows' prompts."""
-    sources = [source_ids(tokenizer, r["prompt"], max_length) for r in rows]
-    width = max(len(ids) for ids in sources)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, ids in enumerate(sources):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
+    input_ids, mask = _padded([source_ids(tokenizer, r["prompt"], max_length) for r in rows], _pad_id(tokenizer))
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -149,10 +149,8 @@ def collate_seq2seq(
     position of a weight-0 row, the reader's padding rows) and the row `weight` (B,)."""
     batch = collate_sources(tokenizer, rows, max_source)
     targets = [target_ids(tokenizer, r["response"], max_target) for r in rows]
-    labels = torch.full((len(rows), max(map(len, targets))), IGNORE, dtype=torch.long)
-    for i, (ids, w) in enumerate(zip(targets, weights.tolist(), strict=True)):
-        if w > 0:
-            labels[i, : len(ids)] = torch.tensor(ids)
+    trained = [ids if w > 0 else [] for ids, w in zip(targets, weights.tolist(), strict=True)]
+    labels, _ = _padded(trained, IGNORE, width=max(map(len, targets)))
     return {**batch, "labels": labels, "weight": weights.float()}
 
 
