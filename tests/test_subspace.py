@@ -31,6 +31,7 @@ from inflora_dist.subspace import (
     SubspaceMemory,
     complement_basis,
     energy_threshold,
+    principal_angle,
 )
 
 LOGGER_NAME = "inflora_dist.subspace"
@@ -312,6 +313,48 @@ def test_random_sequences_match_oracle(seed):
     spectra = ["steep", "flat", "mixed"][seed % 3]
     rank = int(rng.integers(1, 4))
     run_pair(d, lamb, lame, sequence(seed, d, tasks, spectra), rank)
+
+
+class SvdMemory(SubspaceMemory):
+    """The memory with the projected decompositions of before the eigh path: F @ svd(F^T C)."""
+
+    def _projected_svd(self, c):
+        if self.mode is None:
+            return super()._projected_svd(c)
+        free = self.basis if self.mode == RETAIN else complement_basis(self.basis)
+        u, s, _ = torch.linalg.svd(free.T @ c, full_matrices=False)
+        return free @ u, s
+
+
+def _rows_basis(a: torch.Tensor) -> torch.Tensor:
+    return a[nonzero_rows(a) > torch.arange(a.shape[0])].T / A_SCALE  # orthonormal columns
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_CASES))
+def test_eigh_path_equals_the_svd_path(name):
+    """The projected decompositions from eigh(B B^T) give the SVD path's k and subspaces (principal angle <= 1e-6)
+    at every task, in every mode history: the A designs, the grown memories, the modes."""
+    seed, d, tasks, lamb, lame, spectra, rank = ORACLE_CASES[name]
+    ours, svd = SubspaceMemory(d, lamb, lame, tasks), SvdMemory(d, lamb, lame, tasks)
+    for task, (pre, post) in enumerate(sequence(seed, d, tasks, spectra)):
+        a, a_svd = ours.down_projection(t64(pre), rank), svd.down_projection(t64(pre), rank)
+        assert nonzero_rows(a) == nonzero_rows(a_svd)
+        assert principal_angle(_rows_basis(a), _rows_basis(a_svd)) <= 1e-6
+        ours.update(t64(post), task)
+        svd.update(t64(post), task)
+        assert (ours.mode, ours.protected_dim) == (svd.mode, svd.protected_dim), task
+        assert principal_angle(ours.basis, svd.basis) <= 1e-6
+
+
+def test_principal_angle():
+    """Known angles between planes of R^4; bases of different widths are refused."""
+    e = torch.eye(4, dtype=torch.float64)
+    tilted = torch.stack([e[0], math.cos(0.3) * e[1] + math.sin(0.3) * e[2]], dim=1)
+    assert principal_angle(e[:, :2], e[:, :2]) == 0.0
+    assert principal_angle(e[:, :2], tilted) == pytest.approx(0.3, abs=1e-12)
+    assert principal_angle(e[:, :2], e[:, 2:]) == pytest.approx(math.pi / 2)
+    with pytest.raises(ValueError, match="same shape"):
+        principal_angle(e[:, :2], e[:, :3])
 
 
 @pytest.mark.parametrize("name", sorted(ORACLE_CASES))
