@@ -10,14 +10,14 @@ import json
 import math
 
 from inflora_dist.bench.__main__ import main
-from inflora_dist.bench.scale import FLOPS_PER_D3, project
+from inflora_dist.bench.scale import eigh_seconds, project
 
 TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--batches", "1"]
 
 
 def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
     figures = main(["scale", *TINY, "--worlds", "1", "2", "--dims", "32", "64", "--bucket-mib", "0.01",
-                    "--precision-batches", "40", "--json"])  # fmt: skip
+                    "--precision-batches", "40", "--projected-dim", "96", "--device", "cpu", "--json"])  # fmt: skip
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(json.dumps(figures))
     assert [r["world"] for r in printed["worlds"]] == [1, 2]
@@ -30,20 +30,35 @@ def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
     assert printed["collectives_per_pass"] == printed["collectives_expected"] == 2
     assert [r["d"] for r in printed["decompositions"]] == [32, 64]
     assert printed["precision"]["fp32_gemm_fp64_sum"] < printed["precision"]["fp32_all"]
-    assert {p["workload"].split(",")[0] for p in printed["projection"]} == {"ViT-B/16", "LLaMA-2-7B"}
+    assert [p["workload"].split(",")[0] for p in printed["projection"]] == ["ViT-B/16", "LLaMA-2-7B", "LLaMA-2-7B"]
+    # The eigh path against the SVD path it replaced, side by side on one matrix.
+    assert printed["d"] == 96 and set(printed["projected_decomp_s"]) == {"svd", "eigh"}
+    assert printed["projected_decomp_angle"] <= 1e-6
+    assert printed["projected_decomp_k"]["svd"] == printed["projected_decomp_k"]["eigh"]
+    ratio = printed["projected_decomp_s"]["eigh"] / printed["projected_decomp_s"]["svd"]
+    assert math.isclose(printed["projected_decomp_ratio"], ratio)
 
 
 def test_projection_by_hand():
-    """Two GPUs, one group of d = 100: every term of the model computed by hand."""
-    args = argparse.Namespace(nodes=1, gpus_per_node=2, tflops=100.0, mfu=0.5, bus_gbps=10.0, decomp_tflops=1.0)
+    """Two GPUs, one group of d = 100, passes capped at 4,000 tokens: every term of the model computed by hand."""
+    args = argparse.Namespace(nodes=1, gpus_per_node=2, tflops=100.0, mfu=0.5, bus_gbps=10.0,
+                              decomp_seconds=[(64, 0.01), (128, 0.02)])  # fmt: skip
     workload = {"name": "toy", "params": 1e9, "samples_per_task": 1000, "tokens_per_sample": 10, "epochs": 3,
-                "dims": {"g": 100}}  # fmt: skip
+                "dims": {"g": 100}, "covariance_max_tokens": 4000}  # fmt: skip
     p = project(workload, args)
     rate = 2 * 100e12 * 0.5
     assert math.isclose(p["train_s"], 3 * 1e4 * 4e9 / rate)
-    assert math.isclose(p["passes_s"], 2 * 1e4 * (2e9 + 2 * 100**2) / rate)
+    assert math.isclose(p["passes_s"], 2 * 4000 * (2e9 + 2 * 100**2) / rate)
     assert p["reduce_bytes_per_pass"] == (5050 + 1) * 8
     assert math.isclose(p["reduce_s"], 2 * 5051 * 8 * 0.5 / 10e9)
-    assert math.isclose(p["decompositions_s"], 2 * FLOPS_PER_D3["svd"] * 100**3 / 1e12)
+    assert math.isclose(p["decompositions_s"], 2 * 0.02)  # two eigh of d = 100: the 128 point's time
     overhead = p["passes_s"] + p["reduce_s"] + p["decompositions_s"]
     assert math.isclose(p["overhead_share"], overhead / p["train_s"])
+
+
+def test_eigh_seconds_from_measured_points():
+    """The smallest measured size at or above d; beyond the largest, d^3 scaling."""
+    points = [(1024, 0.09), (4096, 0.18)]
+    assert eigh_seconds(768, points) == 0.09
+    assert eigh_seconds(4096, points) == 0.18
+    assert math.isclose(eigh_seconds(8192, points), 0.18 * 8)

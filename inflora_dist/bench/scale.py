@@ -9,19 +9,27 @@ Measured on this machine, side by side in one run:
     full-matrix all-reduce per group plus one for the counts (before) -- bytes,
     collectives and seconds of each; and a training step (forward, backward,
     all-reduce of B's gradients) on the rank's share of the batch;
-  * the float64 decompositions of a d x d covariance (eigh, the task-0 and
-    symmetric path; svd, the projected products) for each --dims, on the host
-    and, when one is present, on the GPU;
+  * the float64 decompositions of a d x d covariance (eigh and svd) for each
+    --dims, on the host and on --device (default: the GPU when there is one),
+    timed after torch.cuda.synchronize();
+  * the projected decomposition of a --projected-dim covariance with a quarter
+    of its directions protected, by the SVD path of before (F @ svd(F^T C)) and
+    the eigh path of now (eigh of the Gram matrix), side by side:
+    projected_decomp_s, projected_decomp_ratio and projected_decomp_angle (the
+    largest principal angle between their subspaces);
   * the precision of the sums (bench/precision.py): float32 per-batch products
     summed in float64 against an all-float32 sum, on massive activations.
 
 It then projects InfLoRA's per-task overhead (two covariance passes, two
 reductions, two decompositions per input group) as a share of the task's
-training time for ViT-B/16 on ImageNet-R and LLaMA-2-7B on O-LoRA's long
-benchmark on --nodes x --gpus-per-node GPUs, from assumed device figures that
-are flags (dense bf16 TFLOPS and MFU, NCCL bus bandwidth, float64 decomposition
-rate). docs/scaling.md explains the model. The billion-parameter run is its
-own command, `bench large`.
+training time on --nodes x --gpus-per-node GPUs (default 1 x 8) for ViT-B/16
+on ImageNet-R, LLaMA-2-7B on O-LoRA's long benchmark with q/v branches (as
+O-LoRA and GainLoRA adapt it) and passes capped at --covariance-max-tokens, and
+the same with all seven projections and uncapped passes, for comparison. Its
+device figures are flags: dense bf16 TFLOPS and MFU, NCCL bus bandwidth
+(assumed), and float64 eigh seconds per d (measured on an H200 by default).
+docs/scaling.md explains the model. The billion-parameter runs are their own
+command, `bench large`.
 
 With 2 cores here, worlds 3 and 4 oversubscribe the CPU: their seconds show
 contention, not scaling; their bytes and collectives are exact.
@@ -49,11 +57,34 @@ from inflora_dist.bench.step import build_vit, covariance_batch, forward, make_b
 from inflora_dist.continual import InfLoRA
 from inflora_dist.covariance import assign_owners, traffic_bytes
 from inflora_dist.inject import inject_inflora
+from inflora_dist.subspace import SubspaceMemory, complement_basis, principal_angle
 
-SUMMARY = "covariance traffic, decompositions and step per world size, and a projection to 8 x 8 GPUs"
+SUMMARY = "covariance traffic, decompositions and step per world size, and a projection to a GPU cluster"
 GOALS = {"reduce_bytes_ratio": 0.51, "precision_fp32_gemm_fp64_sum": 1e-6}
 #: Nominal float64 flop counts of the decompositions with vectors (for the effective rates printed).
 FLOPS_PER_D3 = {"eigh": 9.0, "svd": 22.0}
+#: float64 eigh with vectors of one d x d matrix on one H200 (cuSOLVER, torch 2.11; measured 2026-12-04 with
+#: this bench's time_decompositions: ../shared/gpu/README.md). Small sizes are latency-bound, hence 768 > 1024.
+H200_EIGH_S = {768: 0.13, 1024: 0.09, 4096: 0.18, 5632: 0.36, 11008: 1.19}
+
+
+def _measured_point(text: str) -> tuple[int, float]:
+    d, sep, seconds = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected D:SECONDS (e.g. 4096:0.18), got {text!r}")
+    return int(d), float(seconds)
+
+
+def eigh_seconds(d: int, measured: list[tuple[int, float]]) -> float:
+    """Seconds of one float64 eigh at `d` from measured (d, seconds) points: the time of the smallest measured
+    size >= d (a smaller matrix is not slower; small sizes are latency-bound, so no d^3 scaling down), or the
+    largest measured one scaled by (d / d_max)^3 beyond it."""
+    points = sorted(measured)
+    for size, seconds in points:
+        if size >= d:
+            return seconds
+    size, seconds = points[-1]
+    return seconds * (d / size) ** 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,14 +103,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket-mib", type=float, default=1.0, help="reduction bucket cap for the sweep (MiB)")
     p.add_argument("--dims", type=int, nargs="+", default=[384, 768, 1024, 2048, 4096])
     p.add_argument("--precision-batches", type=int, default=400)
-    # Projection inputs: assumptions a user replaces with their cluster's figures.
-    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the decompositions are timed besides the host (default: cuda when available)")
+    p.add_argument("--projected-dim", type=int, default=4096,
+                   help="d of the projected decomposition timed by both paths (svd before, eigh now)")
+    # Projection inputs: a user replaces them with their cluster's figures.
+    p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--tflops", type=float, default=989.0, help="dense bf16 TFLOPS per GPU (H100 SXM: 989)")
+    p.add_argument("--tflops", type=float, default=989.0, help="dense bf16 TFLOPS per GPU (H100/H200 SXM: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation of training and passes")
     p.add_argument("--bus-gbps", type=float, default=100.0, help="NCCL all-reduce bus bandwidth, GB/s")
-    p.add_argument("--decomp-tflops", type=float, default=5.0, help="effective float64 eigh/svd rate per GPU")
+    p.add_argument("--decomp-seconds", type=_measured_point, nargs="+",
+                   default=sorted(H200_EIGH_S.items()), metavar="D:SECONDS",
+                   help="measured float64 eigh seconds per d on one GPU (default: an H200, see H200_EIGH_S)")
     p.add_argument("--llm-tokens", type=int, default=256, help="mean tokens per O-LoRA long record (assumed)")
+    p.add_argument("--covariance-max-tokens", type=int, default=65536,
+                   help="inflora.covariance_max_tokens of the LLaMA projection (the vision tasks read every token)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
@@ -171,13 +210,17 @@ def measure_worlds(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 # ---------------------------------------------------------------------- decompositions
-def _timed(fn: Any, device: torch.device) -> float:
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so the wall clock times it (a no-op on the host)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Any, device: torch.device) -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -199,6 +242,53 @@ def time_decompositions(dims: list[int], device: torch.device, seed: int = 0) ->
     return rows
 
 
+def _svd_projected(memory: SubspaceMemory, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected decomposition as it was before the eigh path: F @ svd(F^T C)."""
+    free = complement_basis(memory.basis.to(c.device))
+    u, s, _ = torch.linalg.svd(free.T @ c, full_matrices=False)
+    return free @ u, s
+
+
+def _energy_rank(s: torch.Tensor, threshold: float) -> int:
+    """Directions DualGPM keeps at `threshold` of the projected energy (the growth rule's count)."""
+    energy = torch.cumsum(s.double() ** 2, 0)
+    return int((energy / energy[-1] < threshold).sum()) + 1
+
+
+def time_projected_decomposition(d: int, device: torch.device, seed: int = 0, rank: int = 10,
+                                 threshold: float = 0.99) -> dict[str, Any]:  # fmt: skip
+    """The projected decomposition of one d x d covariance with d/4 directions protected (remove mode), by
+    the SVD path (before) and the eigh path (now), float64 on `device`: seconds of each, their ratio, and the
+    largest principal angle between their top-`rank` (the A design) and energy-rule (the growth) subspaces."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, d + 8, generator=g, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)[:, None]
+    c = (x @ x.T / d).to(device)
+    memory = SubspaceMemory(d, 0.95, 0.99, 2)
+    old, _ = torch.linalg.qr(torch.randn(d, d // 4, generator=g, dtype=torch.float64))
+    memory.load_state_dict({**memory.state_dict(), "mode": "remove", "basis": old})
+    if device.type == "cuda":  # the first calls load cuSOLVER
+        torch.linalg.eigh(c[:8, :8])
+        torch.linalg.svd(c[:8, :8])
+    results = {}
+    for name, fn in (("old", lambda: _svd_projected(memory, c)), ("new", lambda: memory._projected_svd(c))):
+        _sync(device)
+        start = time.perf_counter()
+        results[name] = fn()
+        _sync(device)
+        results[f"{name}_s"] = time.perf_counter() - start
+    (u_old, s_old), (u_new, s_new) = results["old"], results["new"]
+    k_old, k_new = _energy_rank(s_old, threshold), _energy_rank(s_new, threshold)
+    angle = max(principal_angle(u_old[:, :rank], u_new[:, :rank]), principal_angle(u_old[:, :k_old], u_new[:, :k_old]))
+    return {
+        "d": d,
+        "device": device.type,
+        "projected_decomp_s": {"svd": results["old_s"], "eigh": results["new_s"]},
+        "projected_decomp_ratio": results["new_s"] / results["old_s"],
+        "projected_decomp_angle": angle,
+        "projected_decomp_k": {"svd": k_old, "eigh": k_new},
+    }
+
+
 # ---------------------------------------------------------------------- projection
 def vit_b_imagenet_r() -> dict[str, Any]:
     """ViT-B/16 on ImageNet-R, 10 tasks (configs/paper/imagenet_r_10task*.yaml): k/v share one group per block."""
@@ -212,18 +302,28 @@ def vit_b_imagenet_r() -> dict[str, Any]:
     }
 
 
-def llama2_7b_long(tokens_per_sample: int) -> dict[str, Any]:
-    """LLaMA-2-7B on O-LoRA's long benchmark (configs/olora/llama2_7b_long.yaml): 15 tasks of 1,000 records."""
+def llama2_7b_long(tokens_per_sample: int, all_projections: bool = False,
+                   covariance_max_tokens: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """LLaMA-2-7B on O-LoRA's long benchmark (configs/olora/llama2_7b_long.yaml): 15 tasks of 1,000 records.
+
+    Branches on q and v, as O-LoRA and GainLoRA adapt LLaMA (32 groups: q and v read one input), or with
+    `all_projections` on all seven projections (128 groups, configs/olora/*_all_projections.yaml)."""
     dims = {}
     for i in range(32):
-        dims.update({f"{i}.qkv": 4096, f"{i}.o": 4096, f"{i}.gate_up": 4096, f"{i}.down": 11008})
+        if all_projections:
+            dims.update({f"{i}.qkv": 4096, f"{i}.o": 4096, f"{i}.gate_up": 4096, f"{i}.down": 11008})
+        else:
+            dims[f"{i}.qv"] = 4096
+    targets = "all projections" if all_projections else "q, v"
+    cap = f", covariance passes capped at {covariance_max_tokens:,} tokens" if covariance_max_tokens else ""
     return {
-        "name": "LLaMA-2-7B, O-LoRA long (15 tasks)",
+        "name": f"LLaMA-2-7B, O-LoRA long (15 tasks), {targets}{cap}",
         "params": 6.74e9,
         "samples_per_task": 1000,
         "tokens_per_sample": tokens_per_sample,
         "epochs": 1,
         "dims": dims,
+        "covariance_max_tokens": covariance_max_tokens,
     }
 
 
@@ -232,25 +332,28 @@ def project(workload: dict[str, Any], args: argparse.Namespace) -> dict[str, flo
 
     training: epochs x tokens x 4N flops (forward 2N, backward 2N: the frozen
     weights need no weight gradients); covariance passes: 2 x tokens x (2N +
-    sum over groups of 2 d^2, the hooks' x^T x); both at tflops x mfu over all
-    GPUs. Reduction (owner mode): 2 passes of triangles (d(d+1)/2 + 1) x 8 bytes,
-    (n-1)/n of them through each link at bus bandwidth. Decompositions: 2 per
-    group (design, update), 22 d^3 flops (svd, the worst case) at decomp_tflops,
-    spread over the ranks as `assign_owners` does (the slowest rank counts).
+    sum over groups of 2 d^2, the hooks' x^T x) over at most the workload's
+    covariance_max_tokens; both at tflops x mfu over all GPUs. Reduction (owner
+    mode): 2 passes of triangles (d(d+1)/2 + 1) x 8 bytes, (n-1)/n of them through
+    each link at bus bandwidth. Decompositions: 2 per group (design, update), each
+    one float64 eigh of at most d x d (the eigh path: the Gram matrix of the
+    projected product is f x f, f <= d) at the measured `decomp_seconds`, spread
+    over the ranks as `assign_owners` does (the slowest rank counts).
     """
     n = args.nodes * args.gpus_per_node
     rate = n * args.tflops * 1e12 * args.mfu
     tokens = workload["samples_per_task"] * workload["tokens_per_sample"]
+    pass_tokens = min(tokens, workload.get("covariance_max_tokens") or tokens)
     dims = workload["dims"]
     train_s = workload["epochs"] * tokens * 4 * workload["params"] / rate
     hook_flops = sum(2 * d * d for d in dims.values())
-    passes_s = 2 * tokens * (2 * workload["params"] + hook_flops) / rate
+    passes_s = 2 * pass_tokens * (2 * workload["params"] + hook_flops) / rate
     traffic = sum(traffic_bytes(d, 8) for d in dims.values())
     reduce_s = 2 * traffic * (n - 1) / n / (args.bus_gbps * 1e9)
     owners = assign_owners(dims, n)
     load = [0.0] * n
     for g, d in dims.items():
-        load[owners[g]] += 2 * FLOPS_PER_D3["svd"] * d**3 / (args.decomp_tflops * 1e12)
+        load[owners[g]] += 2 * eigh_seconds(d, args.decomp_seconds)
     decomp_s = max(load)
     overhead = passes_s + reduce_s + decomp_s
     return {
@@ -268,13 +371,18 @@ def project(workload: dict[str, Any], args: argparse.Namespace) -> dict[str, flo
 # ---------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> dict:
     figures: dict[str, Any] = {"worlds": measure_worlds(args)}
+    device = torch.device(args.device)
     figures["decompositions"] = time_decompositions(args.dims, torch.device("cpu"))
-    if torch.cuda.is_available():
-        figures["decompositions"] += time_decompositions(args.dims, torch.device("cuda"))
+    if device.type != "cpu":
+        figures["decompositions"] += time_decompositions(args.dims, device)
+    figures.update(time_projected_decomposition(args.projected_dim, device, seed=args.seed))
     figures["precision"] = projector_errors(batches=args.precision_batches)
-    figures["projection"] = [project(vit_b_imagenet_r(), args), project(llama2_7b_long(args.llm_tokens), args)]
+    workloads = [vit_b_imagenet_r(), llama2_7b_long(args.llm_tokens, covariance_max_tokens=args.covariance_max_tokens),
+                 llama2_7b_long(args.llm_tokens, all_projections=True)]  # fmt: skip
+    figures["projection"] = [project(w, args) for w in workloads]
+    figures["projection_goals"] = {"vit_overhead_share": 0.03, "llama_overhead_share": 1.0}
     figures["assumptions"] = {
-        k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tflops", "mfu", "bus_gbps", "decomp_tflops")
+        k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tflops", "mfu", "bus_gbps", "decomp_seconds")
     }
     widest = max(figures["worlds"], key=lambda r: r["world"])
     figures["reduce_bytes_ratio"] = widest["bucketed_reduce_bytes"] / widest["full_reduce_bytes"]
@@ -307,6 +415,12 @@ def report(f: dict[str, Any]) -> None:
             f"{r['d']:>6}  {r['device']:>6}  {r['eigh_s']:6.3f}  {r['svd_s']:6.3f}  "
             f"{r['eigh_gflops']:10.1f}  {r['svd_gflops']:10.1f}"
         )
+    print(
+        f"\nprojected decomposition at d={f['d']} on {f['device']} (d/4 protected): svd path "
+        f"{f['projected_decomp_s']['svd']:.3f} s, eigh path {f['projected_decomp_s']['eigh']:.3f} s, "
+        f"projected_decomp_ratio {f['projected_decomp_ratio']:.3f} (goal <= 0.6); projected_decomp_angle "
+        f"{f['projected_decomp_angle']:.1e} rad; k {f['projected_decomp_k']}"
+    )
     p = f["precision"]
     print(
         f"\nprojector error vs all-float64: fp32 GEMM + fp64 sum {p['fp32_gemm_fp64_sum']:.2e} "
@@ -315,7 +429,7 @@ def report(f: dict[str, Any]) -> None:
     a = f["assumptions"]
     print(
         f"\nprojection on {a['nodes']} x {a['gpus_per_node']} GPUs ({a['tflops']} TFLOPS x MFU {a['mfu']}, "
-        f"bus {a['bus_gbps']} GB/s, decompositions {a['decomp_tflops']} TFLOPS float64): per task"
+        f"bus {a['bus_gbps']} GB/s, float64 eigh seconds by d {dict(a['decomp_seconds'])}): per task"
     )
     for r in f["projection"]:
         print(
