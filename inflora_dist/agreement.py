@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from inflora_dist import dist
+from inflora_dist.inject import InjectionReport
 
 
 class RanksDisagree(RuntimeError):
@@ -48,6 +49,16 @@ def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
+
+
+def frozen_weights(report: InjectionReport) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the targeted layers' pre-trained weights, layer by layer, each gathered while it is
+    read under ZeRO-3 (never the whole model at once). Collective under ZeRO-3: consume it on every rank."""
+    for name, layer in report.layers.items():
+        params = list(layer.base_layer.named_parameters())
+        with dist.gathered_params(p for _, p in params):
+            for k, p in params:
+                yield f"{name}.{k}", p
 
 
 def _as_int64(hex_digest: str) -> int:

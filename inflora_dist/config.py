@@ -105,6 +105,9 @@ class InfLoRAConfig:
     covariance_gemm_dtype: str = "auto"  # each batch's x^T x (auto: float64 on CPU, float32 on accelerators)
     reduce_bucket_bytes: int = 256 * 2**20  # cap of one flat covariance-reduction bucket
     covariance_max_bytes_per_rank: int | None = None  # split covariance passes to fit (None: one pass)
+    # Tokens each covariance pass reads: the first samples of the task's data (shards interleaved) that fit;
+    # None: every token (the reference's behaviour). The same samples at any world size.
+    covariance_max_tokens: int | None = None
 
 
 @dataclass
@@ -127,6 +130,9 @@ class TrainConfig:
     zero_shot_eval: bool = True
     num_workers: int = 0
     log_every: int = 10
+    # Recompute each block's activations in the backward pass (transformers' non-reentrant checkpointing):
+    # less activation memory for long sequences, one more forward of the blocks per step.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -285,6 +291,9 @@ def validate_run_config(cfg: RunConfig) -> None:
     budget = cfg.inflora.covariance_max_bytes_per_rank
     if budget is not None and budget < 1:
         raise ValueError(f"inflora.covariance_max_bytes_per_rank must be >= 1 or null, got {budget!r}")
+    max_tokens = cfg.inflora.covariance_max_tokens
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"inflora.covariance_max_tokens must be an integer >= 1 or null, got {max_tokens!r}")
     if cfg.deepspeed.collective_timeout_s <= 0:
         raise ValueError(f"deepspeed.collective_timeout_s must be > 0, got {cfg.deepspeed.collective_timeout_s!r}")
     if cfg.checkpoint.lock_stale_after_s <= 0:

@@ -20,6 +20,11 @@ values) and the token counts travel, packed back to back into flat buckets of
 at most `bucket_bytes` (`dist.sum_in_buckets_`): a pass costs ceil(bytes / cap)
 collectives and one bucket of extra memory, and the reduced triangle is
 mirrored back into the full matrix.
+
+Budget: with `inflora.covariance_max_tokens` a pass reads only the first
+samples of the task's data (in the pass's fixed order) whose tokens fit the
+budget (`TokenBudget`): the same samples at any world size, so the
+covariances stay world-size invariant.
 """
 
 from __future__ import annotations
@@ -243,6 +248,51 @@ class CovarianceCollector:
         out = {g: mirror_(sums[g]).double().div_(totals[g]) for g in self.groups if owners[g] == rank}
         self.reset()
         return out
+
+
+def restrict_mask(
+    mask: torch.Tensor | Mapping[str, torch.Tensor], keep: torch.Tensor
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A token mask (or masks by side) with the rows where `keep` (batch,) is false set to 0."""
+    if isinstance(mask, Mapping):
+        return {side: restrict_mask(m, keep) for side, m in mask.items()}  # type: ignore[misc]
+    return mask * keep.to(device=mask.device, dtype=mask.dtype).reshape(-1, *([1] * (mask.ndim - 1)))
+
+
+class TokenBudget:
+    """Which samples of a covariance pass count: the first ones, in the pass's order, whose tokens fit
+    `max_tokens` (whole samples; the first sample always counts, so a pass is never empty).
+
+    `take` is called once per batch on every rank with its rows' token counts (0 for padding rows): one
+    all-gather of the counts. A global batch holds positions rank after rank (data/plan.py: rank r reads
+    the run [k g + r b, k g + (r + 1) b)), so the gathered counts, flattened, are in the data's order and
+    every rank picks the same samples whatever the world size. Collective.
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"inflora.covariance_max_tokens must be >= 1 or null, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self.used = 0  # tokens of the samples taken so far (all ranks)
+        self.samples = 0  # samples taken so far (all ranks)
+        self.full = False  # a sample did not fit: nothing after it is taken
+
+    def take(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A bool mask (batch,) of this rank's rows that count. Collective (one all-gather)."""
+        table = dist.all_gather(tokens.to(device=dist.collective_device(), dtype=torch.float64)).cpu()
+        keep = torch.zeros(table.numel(), dtype=torch.bool)
+        for i, n in enumerate(table.reshape(-1).tolist()):
+            if self.full:
+                break
+            if n == 0:
+                continue  # a padding row
+            if self.samples and self.used + n > self.max_tokens:
+                self.full = True
+                break
+            keep[i] = True
+            self.used += int(n)
+            self.samples += 1
+        return keep.view(table.shape)[dist.get_rank()].to(tokens.device)
 
 
 def assign_owners(dims: Mapping[str, int], world_size: int) -> dict[str, int]:

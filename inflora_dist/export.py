@@ -322,10 +322,12 @@ def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "
     to W's dtype; everything else is copied as it is. Names lose `prefix` (e.g.
     "backbone." for a vision classifier). Under ZeRO-3 each module's parameters
     are gathered in turn (collective: call it on every rank); the copies are on
-    the host.
+    the main process's host only (the other ranks return an empty dict: no rank
+    but the writer holds the whole model).
     """
     inside = tuple(f"{name}." for name in report.layers)
     state: dict[str, torch.Tensor] = {}
+    keep = dist.is_main_process()
 
     def key(name: str) -> str:
         return name[len(prefix) :]
@@ -336,9 +338,10 @@ def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "
         own = dict(module.named_parameters(recurse=False))
         with dist.gathered_params(own.values()):  # collective under ZeRO-3
             for n, p in own.items():
-                state[key(f"{name}.{n}" if name else n)] = _tensor_out(p)
+                if keep:
+                    state[key(f"{name}.{n}" if name else n)] = _tensor_out(p)
         for n, b in module.named_buffers(recurse=False):
-            if n not in module._non_persistent_buffers_set:
+            if keep and n not in module._non_persistent_buffers_set:
                 state[key(f"{name}.{n}" if name else n)] = _tensor_out(b)
     for name, layer in report.layers.items():
         if not name.startswith(prefix):
@@ -347,6 +350,8 @@ def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "
         live = layer.live_tasks()
         params = [*base.parameters(), *(layer.lora_B(t) for t in live)]
         with dist.gathered_params(params):  # collective under ZeRO-3
+            if not keep:
+                continue
             weight = base.weight.detach().float()
             for t in live:
                 weight = weight + layer.weight_delta(t)

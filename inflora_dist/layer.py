@@ -61,9 +61,8 @@ class InfLoRALinear(nn.Module):
             raise ValueError(f"fold must be one of {FOLD_MODES}, got {fold!r}")
         self.fan_in_fan_out = _is_conv1d(base_layer)
         weight = base_layer.weight
-        self.in_features, self.out_features = (
-            weight.shape if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))  # a ZeRO-3 partitioned weight is empty here
+        self.in_features, self.out_features = shape if self.fan_in_fan_out else (shape[1], shape[0])
         if not isinstance(rank, int) or not 1 <= rank <= self.in_features:
             raise ValueError(f"rank must be an int in [1, {self.in_features}], got {rank!r}")
         if not isinstance(num_tasks, int) or num_tasks < 1:

@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from inflora_dist import __version__, dist
-from inflora_dist.agreement import check_ranks_agree, tensors_digest
+from inflora_dist.agreement import check_ranks_agree, frozen_weights, tensors_digest
 from inflora_dist.checkpoint import (
     MEMORY_PREFIX,
     STATS_PREFIX,
@@ -53,7 +53,7 @@ from inflora_dist.checkpoint import (
 )
 from inflora_dist.config import RunConfig, resume_differences, to_dict, to_yaml
 from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
-from inflora_dist.covariance import CovarianceCollector
+from inflora_dist.covariance import CovarianceCollector, TokenBudget, restrict_mask
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.data.spec import continuation_error, task_records
@@ -149,9 +149,7 @@ class ContinualTrainer:
         )
         # The pre-trained weights the branches adapt, as loaded (before any merge): compared before every stage.
         start = time.perf_counter()
-        self.weights_digest = tensors_digest(
-            (f"{name}.{k}", t) for name, layer in report.layers.items() for k, t in layer.base_layer.named_parameters()
-        )
+        self.weights_digest = tensors_digest(frozen_weights(report))  # collective under ZeRO-3
         logger.info("frozen weights of the targeted layers hashed in %.1f s", time.perf_counter() - start)
         self.micro, self.accumulation = batch_layout(
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
@@ -207,9 +205,10 @@ class ContinualTrainer:
         """Whether any rank got a pre-emption signal. Collective (one all-reduce)."""
         return dist.any_rank(self._stop)
 
-    def _loader(self, task: int | list[int], split: str, mode: str, batch: int, accumulation: int = 1) -> TaskLoader:
+    def _loader(self, task: int | list[int], split: str, mode: str, batch: int, accumulation: int = 1,
+                interleave: bool = False) -> TaskLoader:  # fmt: skip
         # Training on several tasks at once (joint) interleaves their shards, so every batch mixes the tasks.
-        mix = mode == "train" and isinstance(task, list) and len(task) > 1
+        mix = interleave or (mode == "train" and isinstance(task, list) and len(task) > 1)
         stream = open_task(
             self.seq, task, split, batch_size=batch, mode=mode, seed=self.cfg.seed, index=self.index,
             accumulation=accumulation, interleave=mix,
@@ -394,13 +393,23 @@ class ContinualTrainer:
         self, engine: Any, tasks: list[int], desc: str, collector: CovarianceCollector | None, sums: Any
     ) -> float:
         """One no-grad pass over the tasks' training data (exact mode) feeding `collector` and/or the class
-        `sums`; returns the seconds spent summing class features."""
-        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size)
+        `sums`; returns the seconds spent summing class features.
+
+        With `inflora.covariance_max_tokens` the collector sees only the first samples that fit the budget
+        (TokenBudget), read with the shards interleaved so that they come from every shard; the pass then
+        ends there, unless it also sums the class statistics, which read every sample. Collective."""
+        max_tokens = self.cfg.inflora.covariance_max_tokens if collector is not None else None
+        budget = TokenBudget(max_tokens) if max_tokens else None
+        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size, interleave=budget is not None)
         summing = 0.0
         with torch.no_grad(), self._bar(len(loader), desc) as bar:
             for raw in loader:
+                if budget is not None and budget.full and sums is None:
+                    break  # the same batch on every rank: `full` comes from the same gathered counts
                 batch = self.workload.prepare(raw)
                 mask = self.workload.token_mask(batch)
+                if budget is not None:
+                    mask = restrict_mask(mask, budget.take(self.workload.row_tokens(batch)))  # collective
                 with collector.token_mask(mask) if collector else contextlib.nullcontext():
                     features = self.workload.forward(engine, batch, upto=tasks[-1])
                 if sums is not None:
@@ -408,6 +417,9 @@ class ContinualTrainer:
                     self.workload.add_features(sums, features, batch)
                     summing += time.perf_counter() - start
                 bar.update(1)
+        if budget is not None and dist.is_main_process():
+            logger.info("%s: %d tokens of %d samples (inflora.covariance_max_tokens=%d)", desc, budget.used,
+                        budget.samples, max_tokens)  # fmt: skip
         return summing
 
     def _covariance_pass(

@@ -1,13 +1,23 @@
 """Models: a transformers vision backbone with one classifier head per task, a causal LM or an encoder-decoder LM.
 
 Models are loaded with `from_pretrained` from a local directory, or built from
-a transformers config (`model_type` plus its fields) for tiny test models.
-Nothing is downloaded.
+a transformers config (`model_type` plus its fields, random weights) for tiny
+test models and shape-only benchmarks. Nothing is downloaded.
+
+Under ZeRO-3 a model is built partitioned (`partitioned_construction`):
+transformers' DeepSpeed integration creates every parameter inside
+`deepspeed.zero.Init`, so each rank only ever holds its shard; pre-trained
+weights are read by rank 0 and scattered module by module, random weights
+initialised by rank 0 module by module. Random weights are initialised in that
+same order at every ZeRO stage (`_random_init`), so a model built from a config
+has the same weights whichever stage builds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,34 +28,124 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 
 from inflora_dist.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_backbone(cfg: ModelConfig, auto_class: type = AutoModel) -> nn.Module:
-    """The transformers model (`auto_class`): from a local checkpoint directory, or built from `cfg.config`."""
-    dtype = DTYPES[cfg.dtype]
+def model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The transformers config of the model: the checkpoint's, or built from `cfg.config`."""
     if cfg.pretrained:
-        return auto_class.from_pretrained(cfg.pretrained, dtype=dtype, local_files_only=True)
+        return AutoConfig.from_pretrained(cfg.pretrained, local_files_only=True)
     fields = dict(cfg.config)
     model_type = fields.pop("model_type", None)
     if model_type is None:
         raise ValueError("model.config needs a model_type (e.g. vit, dinov2, llama)")
-    return auto_class.from_config(AutoConfig.for_model(model_type, **fields), dtype=dtype)
+    return AutoConfig.for_model(model_type, **fields)
 
 
-def load_causal_lm(cfg: ModelConfig) -> nn.Module:
+def count_model_parameters(cfg: ModelConfig, auto_class: type = AutoModel) -> int:
+    """Parameters of the model, counted on the meta device (nothing allocated, nothing read)."""
+    with torch.device("meta"):
+        model = auto_class.from_config(model_config(cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def partitioned_construction(zero3_config: dict[str, Any] | None) -> Iterator[None]:
+    """Inside the block transformers builds models partitioned over the ranks (ZeRO-3), when `zero3_config`
+    is a DeepSpeed config; otherwise it changes nothing.
+
+    transformers' integration sees the config through a weak reference to an
+    HfDeepSpeedConfig: alive for the block only, so later transformers calls
+    (generation, saving) do not act on it.
+    """
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    handle = HfDeepSpeedConfig(zero3_config)
+    try:
+        yield
+    finally:
+        del handle
+        unset_hf_deepspeed_config()
+
+
+def _random_init(auto_class: type, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """A model with random weights, initialised as transformers' ZeRO-3 path does (its `_init_weights`, module by
+    module, children first, after a construction without torch's default inits), so that every ZeRO stage draws
+    the same weights from the same seed."""
+    with no_init_weights():
+        model = auto_class.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        model.initialize_weights()
+    model.tie_weights()
+    return model
+
+
+def load_backbone(cfg: ModelConfig, auto_class: type = AutoModel, zero3_config: dict[str, Any] | None = None
+                  ) -> nn.Module:  # fmt: skip
+    """The transformers model (`auto_class`): from a local checkpoint directory, or built from `cfg.config`.
+
+    With `zero3_config` (a ZeRO-3 DeepSpeed config) it is built partitioned; a model family whose
+    construction leaves parameters outside DeepSpeed's partitioning is refused, naming the model.
+    """
+    dtype = DTYPES[cfg.dtype]
+    with partitioned_construction(zero3_config):
+        if cfg.pretrained:
+            model = auto_class.from_pretrained(cfg.pretrained, dtype=dtype, local_files_only=True)
+        elif zero3_config is not None:
+            model = auto_class.from_config(model_config(cfg), dtype=dtype)  # rank 0 initialises, module by module
+        else:
+            model = _random_init(auto_class, model_config(cfg), dtype)
+    if zero3_config is not None:
+        whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
+        if whole:
+            source = cfg.pretrained or f"model_type {cfg.config.get('model_type')!r}"
+            raise ValueError(
+                f"deepspeed.zero_stage=3: {type(model).__name__} ({source}) built {len(whole)} parameters outside "
+                f"DeepSpeed's partitioned construction (e.g. {whole[0]!r}); this model family cannot be built "
+                "partitioned: use deepspeed.zero_stage 0-2"
+            )
+    return model
+
+
+def image_tokens(config: Any, image_size: int) -> int:
+    """Tokens a ViT-family backbone reads per `image_size` image: its patches, [CLS] and any register tokens."""
+    patch = getattr(config, "patch_size", None)
+    if not isinstance(patch, int):
+        raise ValueError(f"a {type(config).__name__} has no integer patch_size: its tokens per image are unknown")
+    return (image_size // patch) ** 2 + 1 + getattr(config, "num_register_tokens", 0)
+
+
+def load_causal_lm(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
     """A transformers causal LM (`AutoModelForCausalLM`), pre-trained or built from `cfg.config`."""
-    return load_backbone(cfg, AutoModelForCausalLM)
+    return load_backbone(cfg, AutoModelForCausalLM, zero3_config)
 
 
-def load_seq2seq_lm(cfg: ModelConfig) -> nn.Module:
+def load_seq2seq_lm(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None) -> nn.Module:
     """A transformers encoder-decoder LM (`AutoModelForSeq2SeqLM`, e.g. T5), pre-trained or built from `cfg.config`."""
-    return load_backbone(cfg, AutoModelForSeq2SeqLM)
+    return load_backbone(cfg, AutoModelForSeq2SeqLM, zero3_config)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass (transformers' non-reentrant
+    checkpointing: no input needs requires_grad, so frozen embeddings are fine) of the transformers model in
+    `model` (a vision classifier's backbone); a model that does not support it is refused, naming it."""
+    target = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if target is None or not target.supports_gradient_checkpointing:
+        name = type(target or model).__name__
+        raise ValueError(f"train.gradient_checkpointing=true: {name} does not support activation checkpointing")
+    target.activation_checkpointing_enable({"use_reentrant": False})
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -9,6 +9,8 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
     loss(engine, batch, ts)   the summed loss of a micro-batch of stage tasks `ts`
     token_mask / forward      one no-grad forward for the covariance passes, padding masked (returns the
                               features of the class statistics, for classification)
+    row_tokens(batch)         the tokens each row gives a covariance pass (0 for padding rows): what
+                              `inflora.covariance_max_tokens` counts
     mask_sides(groups)        which of token_mask's masks each input group follows (encoder-decoder models
                               have two; None: one mask for all)
     statistics                the seen classes' statistics (classification; None for instruction tuning)
@@ -28,6 +30,7 @@ response as one sequence, an encoder-decoder LM (T5) the prompt in its encoder.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 from inflora_dist import dist
 from inflora_dist.alignment import align_classifier
@@ -52,14 +55,17 @@ from inflora_dist.data.text import (
     label_loss,
     response_loss,
 )
+from inflora_dist.engine import deepspeed_config
 from inflora_dist.export import export_classifier_heads, export_merged_model
 from inflora_dist.inject import InjectionReport
 from inflora_dist.models import (
+    DTYPES,
     ContinualClassifier,
     TaskHead,
+    count_model_parameters,
+    enable_activation_checkpointing,
+    image_tokens,
     load_backbone,
-    load_causal_lm,
-    load_seq2seq_lm,
     load_tokenizer,
 )
 
@@ -90,7 +96,10 @@ class ImageClassification:
     peft_task_type: str | None = None
     zero_shot = False  # untrained heads score nothing meaningful
 
-    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
+    auto_class: type = AutoModel  # the transformers family of the backbone
+
+    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device,
+                 zero3_config: dict[str, Any] | None = None) -> None:  # fmt: skip
         if seq.kind != "classification":
             raise ValueError(f"model.kind {cfg.model.kind} trains classification tasks, the sequence is {seq.kind}")
         self.device = device
@@ -99,7 +108,10 @@ class ImageClassification:
         self.class_ids = seq.class_ids
         self.position = torch.full((max(self.class_ids) + 1,), -1, dtype=torch.long)
         self.position[torch.tensor(self.class_ids)] = torch.arange(len(self.class_ids))  # dataset label -> logit
-        self.model: nn.Module = ContinualClassifier(load_backbone(cfg.model), sizes, cfg.model).to(device)
+        backbone = load_backbone(cfg.model, self.auto_class, zero3_config)
+        # Under ZeRO-3 .to() moves the heads and buffers: a partitioned weight is an empty placeholder whose
+        # shard DeepSpeed already keeps on the device.
+        self.model: nn.Module = ContinualClassifier(backbone, sizes, cfg.model).to(device)
         form = cfg.ca.covariance if cfg.ca.enabled else "none"  # covariances only where alignment samples them
         self.statistics: ClassStatistics | None = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
         self.bucket_bytes = cfg.inflora.reduce_bucket_bytes  # the class sums reduce like the covariances
@@ -108,6 +120,7 @@ class ImageClassification:
         self.preprocess = {"image_size": cfg.model.image_size, "channels": cfg.model.channels,
                            "mean": list(cfg.model.mean), "std": list(cfg.model.std)}  # fmt: skip
         self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
+        self.tokens_per_image = image_tokens(self.model.backbone.config, cfg.model.image_size)
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         return list(self.model.heads[task].parameters())
@@ -129,6 +142,9 @@ class ImageClassification:
 
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["weight"]
+
+    def row_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["weight"] > 0).long() * self.tokens_per_image
 
     def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> torch.Tensor:
         """One no-grad forward; returns the features (the class statistics' input)."""
@@ -242,16 +258,17 @@ class InstructionTuning:
     zero_shot = True  # the pre-trained model answers every task before any training
     statistics: ClassStatistics | None = None  # no classes: no class statistics
 
-    load_model = staticmethod(load_causal_lm)
+    auto_class: type = AutoModelForCausalLM
     mask_sides = staticmethod(ImageClassification.mask_sides)  # one mask for every group
 
-    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device,
+                 zero3_config: dict[str, Any] | None = None) -> None:  # fmt: skip
         if seq.kind != "instruction":
             raise ValueError(f"model.kind {cfg.model.kind} trains instruction tasks, the task sequence is {seq.kind}")
         self.device, self.seq = device, seq
         self.max_length = cfg.model.max_length
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model: nn.Module = self.load_model(cfg.model).to(device)
+        self.model: nn.Module = load_backbone(cfg.model, self.auto_class, zero3_config).to(device)  # see above
         self.system_prompts = {t.name: t.instruction.system_prompt if t.instruction else None for t in seq.tasks}
         # Generation under ZeRO-3 with several ranks: every rank runs forwards until all are done.
         self.synced = cfg.deepspeed.zero_stage == 3 and dist.get_world_size() > 1
@@ -293,6 +310,9 @@ class InstructionTuning:
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Every real token, prompt and response; a padding row of the reader (weight 0) counts nothing.
         return batch["attention_mask"] * batch["weight"].unsqueeze(1)
+
+    def row_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.token_mask(batch).sum(1)
 
     def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
         """One no-grad forward (for the covariance hooks)."""
@@ -346,10 +366,11 @@ class Seq2SeqInstructionTuning(InstructionTuning):
     """
 
     peft_task_type: str | None = "SEQ_2_SEQ_LM"
-    load_model = staticmethod(load_seq2seq_lm)
+    auto_class: type = AutoModelForSeq2SeqLM
 
-    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> None:
-        super().__init__(cfg, seq, device)
+    def __init__(self, cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device,
+                 zero3_config: dict[str, Any] | None = None) -> None:  # fmt: skip
+        super().__init__(cfg, seq, device, zero3_config)
         model_type = self.model.config.model_type
         if model_type not in SEQ2SEQ_MODEL_TYPES:
             raise ValueError(
@@ -381,6 +402,10 @@ class Seq2SeqInstructionTuning(InstructionTuning):
             "encoder": batch["attention_mask"] * batch["weight"].unsqueeze(1),
             "decoder": (batch["labels"] != IGNORE).to(batch["weight"].dtype),
         }
+
+    def row_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        masks = self.token_mask(batch).values()  # the encoder's and the decoder's tokens
+        return sum(m.sum(1) for m in masks) * (batch["weight"] > 0)
 
     def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
         self._forward(engine, batch)
@@ -421,11 +446,48 @@ def score_task(workload: Workload, engine: Any, loader: Iterable[dict[str, Any]]
     return workload.finish(dist.all_reduce_sum_(sums.to(dist.collective_device())))  # collective
 
 
+def _available_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory this rank may fill: free device memory, or the host's available memory shared by its local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), 0)
+    return kib * 1024 // max(local, 1), f"available host memory / {local} local rank(s)"
+
+
+def check_weights_fit(cfg: RunConfig, kind: type[ImageClassification | InstructionTuning], device: torch.device
+                      ) -> None:  # fmt: skip
+    """Refuse, before anything is built, a model whose weights alone exceed what each rank has: all of them at
+    ZeRO 0-2, a 1/world share under ZeRO-3. Collective (one all-reduce): every rank raises, or none."""
+    world, stage = dist.get_world_size(), cfg.deepspeed.zero_stage
+    params = count_model_parameters(cfg.model, kind.auto_class)
+    need = params * DTYPES[cfg.model.dtype].itemsize // (world if stage == 3 else 1)
+    have, where = _available_bytes(device)
+    problem = ""
+    if have and need > have:
+        source = f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else (
+            f"model.config.model_type={cfg.model.config.get('model_type')}")  # fmt: skip
+        hint = ("more ranks" if stage == 3 else
+                f"deepspeed.zero_stage=3 ({need // world / 1e9:.2f} GB per rank over {world} ranks) or more ranks")
+        problem = (
+            f"{source}: {params / 1e9:.2f}e9 parameters in {cfg.model.dtype} need {need / 1e9:.2f} GB per rank at "
+            f"deepspeed.zero_stage={stage} with {world} rank(s), but this rank has {have / 1e9:.2f} GB ({where}): "
+            f"use {hint}"
+        )
+    if dist.any_rank(bool(problem)):  # collective
+        raise MemoryError(problem or "the model's weights do not fit on another rank (see its message)")
+
+
 def build_workload(cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device) -> Workload:
-    """The workload of `cfg.model.kind`; the model is built with the same seed on every rank."""
+    """The workload of `cfg.model.kind`; the model is built with the same seed on every rank, partitioned under
+    ZeRO-3 (no rank ever holds all of its weights), with activation checkpointing if asked. Collective."""
+    kinds = {"causal_lm": InstructionTuning, "seq2seq_lm": Seq2SeqInstructionTuning}
+    kind = kinds.get(cfg.model.kind, ImageClassification)
+    check_weights_fit(cfg, kind, device)  # collective
+    zero3 = deepspeed_config(cfg, 1, 1, dist.get_world_size()) if cfg.deepspeed.zero_stage == 3 else None
     torch.manual_seed(cfg.seed)
-    if cfg.model.kind == "causal_lm":
-        return InstructionTuning(cfg, seq, device)
-    if cfg.model.kind == "seq2seq_lm":
-        return Seq2SeqInstructionTuning(cfg, seq, device)
-    return ImageClassification(cfg, seq, device)
+    workload = kind(cfg, seq, device, zero3)
+    if cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(workload.model)
+    return workload

@@ -8,7 +8,7 @@ from distributed import run_distributed
 from tiny_models import VOCAB, tiny_llama
 
 from inflora_dist.continual import InfLoRA
-from inflora_dist.covariance import CovarianceCollector, assign_owners
+from inflora_dist.covariance import CovarianceCollector, TokenBudget, assign_owners, restrict_mask
 from inflora_dist.inject import inject_inflora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -303,3 +303,20 @@ def test_planned_tasks_sets_the_threshold_horizon():
         assert memory.threshold(3) == pytest.approx(0.99)
     for memory in planned.memories.values():
         assert memory.threshold(3) == pytest.approx(0.9 + 0.09 * 3 / 6) and memory.threshold(9) == pytest.approx(0.99)
+
+
+def test_token_budget_takes_a_prefix_of_whole_samples():
+    """Whole samples in order until one does not fit (padding rows skipped); nothing after it; the first sample
+    always counts; masks by side are restricted row by row."""
+    budget = TokenBudget(10)
+    assert budget.take(torch.tensor([3, 0, 4])).tolist() == [True, False, True]
+    assert budget.take(torch.tensor([5, 2])).tolist() == [False, False]  # 5 does not fit: 2 is not taken either
+    assert (budget.used, budget.samples, budget.full) == (7, 2, True)
+    assert budget.take(torch.tensor([1])).tolist() == [False]
+    big = TokenBudget(4)
+    assert big.take(torch.tensor([9, 1])).tolist() == [True, False]
+    keep = torch.tensor([True, False])
+    masks = restrict_mask({"encoder": torch.ones(2, 3), "decoder": torch.ones(2)}, keep)
+    assert masks["encoder"].tolist() == [[1, 1, 1], [0, 0, 0]] and masks["decoder"].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="covariance_max_tokens"):
+        TokenBudget(0)

@@ -293,6 +293,34 @@ def test_covariance_budget_splits_passes_and_keeps_the_result(runs, shards, tmp_
     assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
 
 
+def test_covariance_token_budget_reads_the_same_samples_at_any_world_size(runs, shards, tmp_path):
+    """inflora.covariance_max_tokens: 1 process and 2 under ZeRO-3 read the same first samples (batches of 16
+    rows per rank, so the prefix spans ranks and batches): same A and memories (1e-5), same matrix; 1000 tokens
+    of 17-token images are 58 images, and A differs from the full pass's."""
+    budget = ["inflora.covariance_max_tokens=1000", "train.eval_batch_size=16"]
+    one, two = tmp_path / "p1", tmp_path / "p2"
+    proc = train(1, one, *budget, shards=shards)
+    assert "covariance: 986 tokens of 58 samples (inflora.covariance_max_tokens=1000)" in proc.stdout + proc.stderr
+    train(2, two, *budget, "deepspeed.zero_stage=3", shards=shards)
+    (metrics, state), (ref_metrics, ref_state) = results(two), results(one)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
+    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+    full = results(runs(1, 0))[1]
+    assert max(float((state[n] - full[n]).abs().max()) for n in state if ".A." in n) > 1e-3
+
+
+def test_gradient_checkpointing_under_zero3_changes_no_result(runs, shards, tmp_path):
+    """train.gradient_checkpointing under ZeRO-3 on 2 processes (recomputed blocks gather their partitioned
+    weights again in the backward): the same A, memories and B (1e-6) and matrices as without it."""
+    out = tmp_path / "checkpointed"
+    train(2, out, "deepspeed.zero_stage=3", "train.gradient_checkpointing=true", shards=shards)
+    (metrics, state), (ref_metrics, ref_state) = results(out), results(runs(2, 3))
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, ref_state[name], rtol=1e-6, atol=1e-6, msg=name)
+    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+
+
 def test_simple_cil_is_the_prototype_classifier_of_the_frozen_backbone(shards, tmp_path):
     """method=simple_cil trains nothing: its heads are the unit class means, so all heads score as nearest mean."""
     out = tmp_path / "simple_cil"

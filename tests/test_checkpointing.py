@@ -1,0 +1,56 @@
+"""Activation checkpointing (train.gradient_checkpointing): the same loss and branch gradients as without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_dinov2, tiny_llama, tiny_vit
+from torch import nn
+
+from inflora_dist.inject import inject_inflora
+from inflora_dist.models import enable_activation_checkpointing
+
+
+def _loss_and_grads(model: nn.Module, inputs: dict[str, torch.Tensor], checkpointing: bool):
+    """Loss and B gradients of one training-mode step of `model` with InfLoRA on q/v (fixed A, nonzero B)."""
+    report = inject_inflora(model, ["q_proj", "v_proj"], rank=2, num_tasks=1)
+    gen = torch.Generator().manual_seed(0)
+    for g, names in report.groups.items():
+        a = torch.randn(2, report.dims[g], generator=gen, dtype=torch.float64)
+        for layer in report.group_modules(g):
+            layer.start_task(0, a)
+            with torch.no_grad():
+                layer.lora_B(0).copy_(torch.randn(layer.lora_B(0).shape, generator=gen))
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()  # transformers checkpoints only in training mode
+    out = model(**inputs)
+    hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    loss = hidden.float().square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_vit, tiny_dinov2], ids=["llama", "vit", "dinov2"])
+def test_checkpointing_keeps_loss_and_gradients(build):
+    """fp32: loss and every trained B's gradient equal with and without checkpointing (1e-6); the blocks were
+    checkpointed (transformers' flag is set on them)."""
+    torch.manual_seed(1)
+    if build is tiny_llama:
+        inputs = {"input_ids": torch.randint(0, VOCAB, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    else:
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    plain_loss, plain = _loss_and_grads(build(), inputs, checkpointing=False)
+    model = build()
+    loss, grads = _loss_and_grads(model, inputs, checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert loss == pytest.approx(plain_loss, rel=1e-6, abs=1e-6)
+    assert sorted(grads) == sorted(plain) and len(grads) >= 4
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_checkpointing_refuses_a_model_without_support():
+    with pytest.raises(ValueError, match=r"train.gradient_checkpointing=true: Sequential does not support"):
+        enable_activation_checkpointing(nn.Sequential(nn.Linear(2, 2)))
