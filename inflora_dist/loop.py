@@ -678,11 +678,11 @@ class ContinualTrainer:
             training_memory = memory_mb_per_rank()  # collective: the engine's partitioned state is resident now
             logger.info("stage %d: folding the branch", stage)
             seconds, timing = self._after_training(engine, stage)
+            rows = self._evaluate(engine, tasks[-1])
             self.timings.append(
                 {"train_s": train_seconds, **self.phase_seconds, **timing, "rss_mb_per_rank": training_memory[0],
-                 "peak_rss_mb_per_rank": memory_mb_per_rank()[1]}
+                 "peak_rss_mb_per_rank": memory_mb_per_rank()[1]}  # collective; the peak so far, evaluation included
             )  # fmt: skip
-            rows = self._evaluate(engine, tasks[-1])
             if cfg.method == "joint":
                 self.joint = dict(zip(self.workload.matrices, rows, strict=True))
             else:

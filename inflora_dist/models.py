@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.initialization import no_init_weights
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 from inflora_dist.config import ModelConfig
 
@@ -84,6 +84,8 @@ def _random_init(auto_class: type, config: PretrainedConfig, dtype: torch.dtype)
     """A model with random weights, initialised as transformers' ZeRO-3 path does (its `_init_weights`, module by
     module, children first, after a construction without torch's default inits), so that every ZeRO stage draws
     the same weights from the same seed."""
+    from transformers.initialization import no_init_weights  # loads modeling_utils: ~1 s, only when building
+
     with no_init_weights():
         model = auto_class.from_config(config, dtype=dtype)
     with torch.no_grad():
@@ -141,11 +143,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass (transformers' non-reentrant
     checkpointing: no input needs requires_grad, so frozen embeddings are fine) of the transformers model in
     `model` (a vision classifier's backbone); a model that does not support it is refused, naming it."""
+    from transformers import PreTrainedModel
+
     target = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if target is None or not target.supports_gradient_checkpointing:
         name = type(target or model).__name__
         raise ValueError(f"train.gradient_checkpointing=true: {name} does not support activation checkpointing")
-    target.activation_checkpointing_enable({"use_reentrant": False})
+    options = {"use_reentrant": False}
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.25; the older name warns there
+        target.activation_checkpointing_enable(options)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

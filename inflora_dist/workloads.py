@@ -468,8 +468,11 @@ def check_weights_fit(cfg: RunConfig, kind: type[ImageClassification | Instructi
     if have and need > have:
         source = f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else (
             f"model.config.model_type={cfg.model.config.get('model_type')}")  # fmt: skip
-        hint = ("more ranks" if stage == 3 else
-                f"deepspeed.zero_stage=3 ({need // world / 1e9:.2f} GB per rank over {world} ranks) or more ranks")
+        hint = (
+            "more ranks"
+            if stage == 3
+            else f"deepspeed.zero_stage=3 ({need // world / 1e9:.2f} GB per rank over {world} ranks) or more ranks"
+        )
         problem = (
             f"{source}: {params / 1e9:.2f}e9 parameters in {cfg.model.dtype} need {need / 1e9:.2f} GB per rank at "
             f"deepspeed.zero_stage={stage} with {world} rank(s), but this rank has {have / 1e9:.2f} GB ({where}): "

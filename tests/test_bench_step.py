@@ -12,7 +12,7 @@ import pytest
 from inflora_dist.bench.__main__ import build_parser, main
 
 TINY = ["--hidden", "32", "--layers", "2", "--image-size", "32", "--batch-size", "4"]
-QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "1", "--json"]
+QUICK = ["--steps", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu", "--json"]
 KEYS = ("step_ratio_task1", "step_ratio_task10", "cov_pass_ratio")
 
 
@@ -28,6 +28,10 @@ def test_step_benchmark_prints_json_figures_last(capsys):
     n = printed["trainable_params"]
     assert n["inflora_task1"] == n["inflora_task10"] == 2 * 2 * 32 * 10
     assert n["peft"] == 2 * n["inflora_task1"]
+    # Activation checkpointing: fewer saved activations, the same trainable tensors; no GPU here.
+    assert n["inflora_checkpointed"] == n["inflora_task1"]
+    assert 0 < printed["checkpointing_memory_ratio"] < 1 and printed["checkpointing_step_ratio"] > 0
+    assert printed["peak_step_memory_mb"] == {"inflora_task1": None, "inflora_checkpointed": None}
 
 
 def test_help_lists_the_step_command(capsys):

@@ -215,14 +215,6 @@ def test_llama2_configs_are_valid_run_configs(name, order, tmp_path):
     validate_run_config(cfg)
     assert cfg.model.kind == "causal_lm" and cfg.model.dtype == "bfloat16" and cfg.model.max_new_tokens == 50
     assert cfg.deepspeed.zero_stage == 3 and cfg.method == "inflora"
-    assert cfg.inflora.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.inflora.targets == ["q_proj", "v_proj"]  # as O-LoRA's and GainLoRA's code adapt LLaMA
+    assert cfg.inflora.covariance_max_tokens == 65536
     assert cfg.train.lr == 0.001 and cfg.train.epochs == 1 and cfg.train.global_batch_size == 64
-    # The covariance budget gives a plan for LLaMA-2-7B's 128 input groups on one 8-GPU node.
-    from inflora_dist.planner import plan_covariance
-
-    dims = {
-        f"{layer}.{g}": d for layer in range(32) for g, d in (("qkv", 4096), ("o", 4096), ("gu", 4096), ("down", 11008))
-    }
-    plan = plan_covariance(dims, 8, bytes_per_element=4, max_bytes_per_rank=cfg.inflora.covariance_max_bytes_per_rank,
-                           reduce=cfg.inflora.reduce)  # fmt: skip
-    assert plan.num_passes == 2 and plan.peak_bytes <= cfg.inflora.covariance_max_bytes_per_rank

@@ -154,7 +154,8 @@ def test_superni_llama2_configs_are_valid_run_configs(order, tmp_path):
     assert cfg.model.kind == "causal_lm" and cfg.deepspeed.zero_stage == 3 and cfg.model.max_new_tokens == 50
     assert cfg.inflora.targets == ["q_proj", "v_proj"] and cfg.inflora.rank == 4
     assert (cfg.inflora.lambda_begin, cfg.inflora.lambda_end) == (0.995, 1.0)
-    assert (cfg.train.lr, cfg.train.epochs, cfg.train.global_batch_size) == (3e-4, 100, 32)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.global_batch_size) == (5e-5, 50, 32)
+    assert cfg.model.max_length == 1074  # GainLoRA's LLaMA scripts: sources 1024 + targets 50
     assert cfg.train.lr_schedule == "constant" and lr_factor(cfg.train.lr_schedule, 90, 100) == 1.0
     assert lr_factor("cosine", 50, 100) == pytest.approx(2**-0.5)  # the default decays
 

@@ -201,6 +201,8 @@ def test_bad_configs_name_the_problem(tmp_path, shards):
         "deepspeed.zero_stage=5": r"deepspeed.zero_stage must be one of \[0, 1, 2, 3\], got 5",
         "inflora.lambda_begin=0": r"inflora.lambda_begin must be in \(0, 1\], got 0",
         "inflora.planned_tasks=0": r"inflora.planned_tasks must be an integer >= 1 or null, got 0",
+        "inflora.covariance_max_tokens=0": r"inflora.covariance_max_tokens must be an integer >= 1 or null, got 0",
+        "inflora.covariance_max_tokens=-5": r"inflora.covariance_max_tokens must be an integer >= 1 or null, got -5",
         "inflora.reduce_bucket_bytes=0": r"inflora.reduce_bucket_bytes must be an integer >= 1, got 0",
         "train.global_batch_size=-4": r"train.global_batch_size must be an integer >= 1, got -4",
         "train.lr=fast": r"bad value for 'train.lr'",

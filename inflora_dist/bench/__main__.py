@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     "cl": "inflora_dist.bench.cl",
     "scale": "inflora_dist.bench.scale",
     "large": "inflora_dist.bench.large",
+    "budget": "inflora_dist.bench.budget",
 }
 
 

@@ -52,36 +52,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every method")
 
 
-def _command(args: argparse.Namespace, method: str) -> list[str]:
-    configs = [a for c in (args.config or [str(REPO / "configs" / "demo_vit.yaml")]) for a in ("--config", c)]
-    script = [str(REPO / "launch" / "train.py"), *configs, *args.overrides]
-    script += [*METHODS[method], f"output_dir={Path(args.output_dir) / method}", "resume=never"]
-    if args.nproc == 1:
-        return [sys.executable, *script]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), *script]
+def launch(configs: list[str], overrides: list[str], output_dir: Path, nproc: int = 1) -> float:
+    """Run `launch/train.py` on `configs` with `overrides` into `output_dir` (afresh), under python or torchrun;
+    returns its wall seconds. Exits naming the run if it fails."""
+    script = [str(REPO / "launch" / "train.py"), *(a for c in configs for a in ("--config", c)), *overrides]
+    script += [f"output_dir={output_dir}", "resume=never"]
+    if nproc == 1:
+        command = [sys.executable, *script]
+    else:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        command = [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *script]
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # several processes share the cores
+    print(f"== {output_dir}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"the run into {output_dir} failed with exit status {proc.returncode}")
+    return round(time.perf_counter() - start, 1)
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run every method; returns {method: {avg_acc, bwt, forgetting, seconds, ...}}."""
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    if args.nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")  # several processes share the cores
+    configs = args.config or [str(REPO / "configs" / "demo_vit.yaml")]
     figures = {}
     for method in args.methods:
-        start = time.perf_counter()
-        print(f"== {method}: {' '.join(_command(args, method))}", flush=True)
-        proc = subprocess.run(_command(args, method), cwd=REPO, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"{method} failed with exit status {proc.returncode}")
+        seconds = launch(configs, [*args.overrides, *METHODS[method]], Path(args.output_dir) / method, args.nproc)
         metrics = json.loads((Path(args.output_dir) / method / "metrics.json").read_text())
         figures[method] = {
             "avg_acc": metrics["avg_acc"],
             "avg_incremental_acc": metrics["avg_incremental_acc"],
             "bwt": metrics["bwt"],
             "forgetting": metrics["forgetting"],
-            "seconds": round(time.perf_counter() - start, 1),
+            "seconds": seconds,
         }
         if "task_incremental_accuracy_matrix" in metrics:
             til = AccuracyMatrix(metrics["task_incremental_accuracy_matrix"])

@@ -1,16 +1,19 @@
-"""A billion-parameter run on this machine: `python -m inflora_dist.bench large [--worlds 1 2] [--json]`.
+"""A large model on this machine: `python -m inflora_dist.bench large [--config C] [--worlds 1 2] [--json]`.
 
-configs/scale/tinyllama_1b.yaml (a TinyLlama-shaped causal LM of about 1.1B
-parameters built from a config in bf16, fp32 adapters on q/k/v/o/gate/up/down,
-ZeRO-3, owner-mode reduction, the covariance planner) learns 2 small
-instruction tasks that this command writes (16 records each: arithmetic
-answers and reversed words), a few optimizer steps per task, as a real
-`launch/train.py` run at each world size (torchrun for 2). It records, from
-each run's metrics.json: every rank's resident memory after training (ZeRO-3's
-partitioned state) and its peak, the seconds of each phase (covariance passes
-with their reduction, subspace design and update, training, evaluation), the
-covariance plan and its bytes, and the float64 decomposition times at d = 2048
-and 5632 (this process, on the host).
+The config's causal LM (default configs/scale/tinyllama_1b.yaml, a TinyLlama-
+shaped ~1.1B model; configs/scale/llama2_7b.yaml has LLaMA-2-7B's shapes, which
+only fit here partitioned over 2 ranks) is built from its config in bf16 with
+random weights, partitioned under ZeRO-3, and learns 2 small instruction tasks
+that this command writes (16 records each: arithmetic answers and reversed
+words), a few optimizer steps per task, as a real `launch/train.py` run at each
+world size (torchrun for 2) on --device (default: cuda when available). It
+records, from each run's metrics.json: every rank's resident memory after
+training (ZeRO-3's partitioned state) and its peak (evaluation included), the
+seconds of each phase (covariance passes with their reduction, subspace design
+and update, training), the covariance plan and its bytes, and the float64
+decomposition times of the adapted input groups' sizes (this process). The
+peak is compared with the weights' share of a rank plus 3 GiB
+(`peak_budget_mb_per_rank`, `peak_within_budget`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from omegaconf import OmegaConf
 
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import DEFAULT_BUCKET_BYTES, free_port
+from inflora_dist.inject import inject_inflora
+from inflora_dist.models import DTYPES
 from inflora_dist.planner import plan_covariance
 
-SUMMARY = "a ~1.1B-parameter causal LM through 2 tasks under ZeRO-3 at world 1 and 2: memory and phases"
+SUMMARY = "a 1.1B or 7B causal LM through 2 tasks under ZeRO-3 at each world size: memory and phases"
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "scale" / "tinyllama_1b.yaml"
 PHASES = ("design_pass_s", "subspace_design_s", "train_s", "update_pass_s", "subspace_update_s")
@@ -44,7 +49,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=int, default=16, help="records per task (a quarter are held out)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--keep", type=Path, default=None, help="keep the runs in this directory (default: a temp dir)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="where the runs train (DeepSpeed's accelerator; default: cuda when available)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+
+
+#: Resident memory a rank may use beyond its share of the weights (issue 23's target).
+HEADROOM_BYTES = 3 * 2**30
 
 
 def write_tasks(root: Path, records: int) -> Path:
@@ -73,9 +88,9 @@ def _command(world: int, config: Path, overrides: list[str]) -> list[str]:
     return [torchrun, "--nproc_per_node", str(world), "--master_port", str(free_port()), *script]
 
 
-def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int) -> dict[str, Any]:
+def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int, device: str = "cpu") -> dict[str, Any]:
     """One real training run; its phases and per-rank memory from metrics.json, and its wall time."""
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's built CPU ops
     # glibc otherwise raises its mmap threshold to 32 MB after the first large frees and keeps freed weight
@@ -88,64 +103,88 @@ def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int) ->
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"world": world, "wall_s": wall, "timings": metrics["timings"], "avg_acc": metrics.get("avg_acc")}
+    timings = metrics["timings"]
+    peaks = zip(*(t["peak_rss_mb_per_rank"] for t in timings), strict=True)  # per rank, over the tasks
+    return {
+        "world": world,
+        "wall_s": wall,
+        "timings": timings,
+        "avg_acc": metrics.get("avg_acc"),
+        "peak_rss_mb_per_rank": [max(rank) for rank in peaks],
+        "phases_s": {k: sum(t.get(k, 0.0) for t in timings) for k in PHASES},
+    }
 
 
-def model_parameters(config: Path) -> int:
-    """Parameters of the config's model, counted on the meta device (nothing allocated)."""
+def _meta_model(config: Path) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(OmegaConf.to_container(OmegaConf.load(config).model.config))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
+def model_parameters(config: Path) -> int:
+    """Parameters of the config's model, counted on the meta device (nothing allocated)."""
+    return sum(p.numel() for p in _meta_model(config).parameters())
 
 
 def group_dims(config: Path) -> dict[str, int]:
-    """The input groups of the adapted blocks (q/k/v, o, gate/up share nothing else; down reads the MLP)."""
+    """The input groups the config's targets form, and their sizes (injected into the model on the meta device)."""
     cfg = OmegaConf.load(config)  # the data does not exist yet: read the YAML, not a validated RunConfig
-    hidden, mlp = cfg.model.config["hidden_size"], cfg.model.config["intermediate_size"]
-    layers = cfg.inflora.layers_to_transform or range(cfg.model.config["num_hidden_layers"])
-    dims = {}
-    for i in layers:
-        dims.update({f"{i}.qkv": hidden, f"{i}.o": hidden, f"{i}.gate_up": hidden, f"{i}.down": mlp})
-    return dims
+    layers = cfg.inflora.get("layers_to_transform")
+    report = inject_inflora(_meta_model(config), list(cfg.inflora.targets), cfg.inflora.rank, 1,
+                            layers_to_transform=list(layers) if layers is not None else None)  # fmt: skip
+    return report.dims
 
 
 def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: int = 16, timeout: int = 3600,
-              keep: Path | None = None) -> dict[str, Any]:  # fmt: skip
+              keep: Path | None = None, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """Run the config at each world size; return the figures (see the module docstring)."""
     from inflora_dist.bench.scale import time_decompositions
 
     worlds = worlds or [1, 2]
     cfg = OmegaConf.load(config)
     dims = group_dims(config)
-    figures: dict[str, Any] = {"parameters": model_parameters(config), "groups": dims}
+    parameters = model_parameters(config)
+    weights = parameters * DTYPES[cfg.model.get("dtype", "float32")].itemsize
+    figures: dict[str, Any] = {"parameters": parameters, "weights_bytes": weights, "groups": dims, "device": device}
     figures["plans"] = {}
     for w in worlds:
+        inflora = cfg.inflora
         plan = plan_covariance(
-            dims, w, bytes_per_element=8, max_bytes_per_rank=cfg.inflora.covariance_max_bytes_per_rank,
-            reduce=cfg.inflora.reduce, bucket_bytes=cfg.inflora.get("reduce_bucket_bytes", DEFAULT_BUCKET_BYTES),
+            dims, w, bytes_per_element=8, max_bytes_per_rank=inflora.get("covariance_max_bytes_per_rank"),
+            reduce=inflora.get("reduce", "all_reduce"),
+            bucket_bytes=inflora.get("reduce_bucket_bytes", DEFAULT_BUCKET_BYTES),
         )  # fmt: skip
         figures["plans"][w] = {"passes": plan.passes, "peak_bytes_per_rank": plan.peak_bytes_per_rank,
                                "sum_bytes": plan.total_sum_bytes(), "describe": plan.describe()}  # fmt: skip
-    figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device("cpu"))
+    figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device(device))
     with tempfile.TemporaryDirectory(prefix="inflora-large-") as tmp:
         root = (keep or Path(tmp)).resolve()
         root.mkdir(parents=True, exist_ok=True)
         tasks = write_tasks(root / "data", records)
-        figures["runs"] = [run_world(w, config, tasks, root / f"world{w}", timeout) for w in worlds]
+        figures["runs"] = [run_world(w, config, tasks, root / f"world{w}", timeout, device) for w in worlds]
+    for run in figures["runs"]:
+        # ZeRO-3 keeps a 1/world share of the weights on each rank; other stages all of them.
+        share = weights // run["world"] if cfg.deepspeed.get("zero_stage") == 3 else weights
+        run["peak_budget_mb_per_rank"] = (share + HEADROOM_BYTES) / 2**20
+        run["peak_within_budget"] = max(run["peak_rss_mb_per_rank"]) <= run["peak_budget_mb_per_rank"]
     return figures
 
 
 def report(f: dict[str, Any]) -> None:
-    print(f"\nlarge model: {f['parameters'] / 1e9:.3f}B parameters, {len(f['groups'])} input groups")
+    print(f"\nlarge model: {f['parameters'] / 1e9:.3f}B parameters ({f['weights_bytes'] / 2**30:.2f} GiB of "
+          f"weights), {len(f['groups'])} input groups, on {f['device']}")  # fmt: skip
     for w, plan in f["plans"].items():
         print(f"covariance plan at world {w}:\n{plan['describe']}")
     for r in f["decompositions"]:
         print(f"  decomposition d={r['d']}: eigh {r['eigh_s']:.2f} s, svd {r['svd_s']:.2f} s (float64, host)")
     for run in f["runs"]:
-        print(f"world {run['world']}: {run['wall_s']:.0f} s in all")
+        peak = max(run["peak_rss_mb_per_rank"]) / 1024
+        print(
+            f"world {run['world']}: {run['wall_s']:.0f} s in all; peak resident {peak:.2f} GiB per rank (budget "
+            f"{run['peak_budget_mb_per_rank'] / 1024:.2f}: {'met' if run['peak_within_budget'] else 'MISSED'})"
+        )
         for t, timing in enumerate(run["timings"]):
             phases = ", ".join(f"{k.removesuffix('_s')} {timing.get(k, 0.0):.1f}" for k in PHASES)
             rss = ", ".join(f"{x / 1024:.2f}" for x in timing["rss_mb_per_rank"])
@@ -154,7 +193,7 @@ def report(f: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    figures = run_large(args.worlds, args.config, args.records, args.timeout, args.keep)
+    figures = run_large(args.worlds, args.config, args.records, args.timeout, args.keep, args.device)
     report(figures)
     if args.json:
         print(json.dumps(figures, default=str), flush=True)

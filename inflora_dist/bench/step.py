@@ -4,7 +4,8 @@
 
 One ViT (transformers ViTModel built from a config, no download; ViT-S/16-like
 by default at a small image size), the same targets (k_proj, v_proj: the
-paper's) and rank in every arm, fp32 on CPU:
+paper's) and rank in every arm, fp32 on --device (default: cuda when available;
+timings after torch.cuda.synchronize()):
 
   * step: forward + backward + torch.optim.Adam step on the trainable tensors of
       - InfLoRA at task 1 (one task started after a real covariance pass),
@@ -13,6 +14,11 @@ paper's) and rank in every arm, fp32 on CPU:
         before it is finished, then task 10 started),
       - PEFT LoRA (get_peft_model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0)),
     the baseline of both InfLoRA figures;
+  * activation checkpointing (train.gradient_checkpointing): InfLoRA at task 1
+    with transformers' non-reentrant checkpointing, against the same model
+    without it: the step's time (checkpointing_step_ratio) and the bytes of
+    activations the forward saves for the backward (checkpointing_memory_ratio;
+    on a GPU also each arm's peak allocated memory);
   * covariance pass: a no-grad forward of the InfLoRA model with the collector
     capturing and a per-row token mask (as the training loop runs it), against
     a plain no-grad forward of the un-injected model, over the same batches.
@@ -39,6 +45,7 @@ from torch import nn
 from inflora_dist.continual import InfLoRA
 from inflora_dist.inject import count_parameters, inject_inflora
 from inflora_dist.layer import MERGED, TRAINING
+from inflora_dist.models import enable_activation_checkpointing
 
 SUMMARY = "training-step and covariance-pass time of InfLoRA vs a plain PEFT LoRA"
 GOALS = {"step_ratio_task1": 1.05, "step_ratio_task10": 1.05, "cov_pass_ratio": 1.3}
@@ -63,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="best of this many medians")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch.get_num_threads())")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models run (default: cuda when available)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
@@ -84,9 +93,9 @@ def build_vit(args: argparse.Namespace) -> nn.Module:
     return ViTModel(cfg, add_pooling_layer=False)
 
 
-def make_batches(args: argparse.Namespace, n: int, seed: int) -> list[torch.Tensor]:
+def make_batches(args: argparse.Namespace, n: int, seed: int, device: str | torch.device = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g) for _ in range(n)]
+    return [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device) for _ in range(n)]
 
 
 def forward(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -138,7 +147,7 @@ def fold_tasks(model: nn.Module, inflora: InfLoRA, args: argparse.Namespace, tas
     g = torch.Generator().manual_seed(args.seed + 1)
     for t in range(tasks + 1):
         # Each task its own data; a few images are enough for a real covariance (and keep the setup short).
-        (pixels,) = make_batches(args, 1, seed=args.seed + 100 + t)
+        (pixels,) = make_batches(args, 1, seed=args.seed + 100 + t, device=args.device)
         pixels = pixels[:SETUP_IMAGES]
         model.eval()
         covariance_batch(model, inflora, pixels)
@@ -158,12 +167,43 @@ def fold_tasks(model: nn.Module, inflora: InfLoRA, args: argparse.Namespace, tas
 
 
 # ---------------------------------------------------------------------- timing
-def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps: int, repeats: int) -> dict[str, float]:
+def saved_activation_bytes(model: nn.Module, pixels: torch.Tensor) -> int:
+    """Bytes of the tensors one training forward of `model` saves for its backward (what activation
+    checkpointing trades for recomputation), counted by a saved-tensors hook; the backward then runs."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(model, pixels).square().mean()
+    out.backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def peak_step_memory(step: Callable[[torch.Tensor], None], pixels: torch.Tensor) -> float | None:
+    """Peak allocated MiB of one step on a GPU (None on the host: no allocator statistics there)."""
+    if pixels.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(pixels.device)
+    torch.cuda.reset_peak_memory_stats(pixels.device)
+    step(pixels)
+    torch.cuda.synchronize(pixels.device)
+    return torch.cuda.max_memory_allocated(pixels.device) / 2**20
+
+
+def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps: int, repeats: int,
+                     device: torch.device | None = None) -> dict[str, float]:  # fmt: skip
     """Seconds per call of each arm: median over `steps` rounds, best of `repeats`.
 
     A round calls every arm once (call i gets index i); the order of the arms
-    flips every round, so drifting machine load hits all arms alike.
+    flips every round, so drifting machine load hits all arms alike. On a GPU
+    each call is timed between two synchronisations.
     """
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     names = list(arms)
     for i in range(warmup):
         for name in names:
@@ -174,8 +214,10 @@ def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps:
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(steps):
             for name in names if i % 2 == 0 else reversed(names):
+                sync()
                 start = time.perf_counter()
                 arms[name](i)
+                sync()
                 times[name].append(time.perf_counter() - start)
             i += 1
         for name in names:
@@ -192,9 +234,10 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     started, load_start = time.perf_counter(), _load_average()
+    device = torch.device(args.device)
 
-    base = build_vit(args)
-    batches = make_batches(args, args.batches, seed=args.seed)
+    base = build_vit(args).to(device)
+    batches = make_batches(args, args.batches, seed=args.seed, device=device)
 
     def batch(i: int) -> torch.Tensor:
         return batches[i % len(batches)]
@@ -211,13 +254,16 @@ def run(args: argparse.Namespace) -> dict:
         args.warmup,
         args.steps,
         args.repeats,
+        device,
     )
     inflora1.on_task_start(0)  # A_0 from the passes just timed (a real covariance)
 
     model10, inflora10 = inflora_model(base, args, num_tasks=FOLDED_TASKS + 1)
     fold_tasks(model10, inflora10, args, FOLDED_TASKS)
     peft = peft_lora(base, args)
-    models = {"inflora_task1": model1, "inflora_task10": model10, "peft": peft}
+    checkpointed = copy.deepcopy(model1)
+    enable_activation_checkpointing(checkpointed)
+    models = {"inflora_task1": model1, "inflora_task10": model10, "peft": peft, "inflora_checkpointed": checkpointed}
     trainable = {name: count_parameters(m)[0] for name, m in models.items()}
     steps = {name: train_step_fn(m.train()) for name, m in models.items()}
     step = time_interleaved(
@@ -225,12 +271,20 @@ def run(args: argparse.Namespace) -> dict:
         args.warmup,
         args.steps,
         args.repeats,
+        device,
     )
+    saved = {name: saved_activation_bytes(models[name], batch(0)) for name in ("inflora_task1", "inflora_checkpointed")}
+    peaks = {name: peak_step_memory(steps[name], batch(0)) for name in ("inflora_task1", "inflora_checkpointed")}
 
     figures = {
         "step_ratio_task1": round(step["inflora_task1"] / step["peft"], 4),
         "step_ratio_task10": round(step["inflora_task10"] / step["peft"], 4),
         "cov_pass_ratio": round(cov["covariance"] / cov["plain"], 4),
+        "checkpointing_step_ratio": round(step["inflora_checkpointed"] / step["inflora_task1"], 4),
+        "checkpointing_memory_ratio": round(saved["inflora_checkpointed"] / saved["inflora_task1"], 4),
+        "checkpointing_step_s": round(step["inflora_checkpointed"], 5),
+        "saved_activation_bytes": saved,
+        "peak_step_memory_mb": peaks,
         "inflora_step_task1_s": round(step["inflora_task1"], 5),
         "inflora_step_task10_s": round(step["inflora_task10"], 5),
         "peft_step_s": round(step["peft"], 5),
@@ -247,6 +301,7 @@ def run(args: argparse.Namespace) -> dict:
             "rank": args.rank,
             "targets": list(args.targets),
             "threads": threads,
+            "device": device.type,
             "steps": args.steps,
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -273,7 +328,7 @@ def report(f: dict) -> None:
     print(
         f"ViT hidden {c['hidden']}, {c['layers']} layers, {c['image_size']}px/{c['patch_size']} "
         f"({c['tokens_per_image']} tokens), batch {c['batch_size']}, rank {c['rank']} on {'+'.join(c['targets'])}, "
-        f"fp32 CPU, {c['threads']} threads; median of {c['steps']} after {c['warmup']} warm-up, "
+        f"fp32 {c['device']}, {c['threads']} threads; median of {c['steps']} after {c['warmup']} warm-up, "
         f"best of {c['repeats']}; whole run {f['wall_s']} s, 1-min load average {f['load_average_1min']}"
     )
     n = f["trainable_params"]
@@ -289,6 +344,13 @@ def report(f: dict) -> None:
         print(
             f"{label:<26}{ours:>11.4f}{theirs:>12.4f}{f[key]:>8.3f}{'<= ' + str(GOALS[key]):>8}  {met:<4} ({baseline})"
         )
+    saved = f["saved_activation_bytes"]
+    print(
+        f"activation checkpointing at task 1: step {f['checkpointing_step_s']:.4f} s "
+        f"({f['checkpointing_step_ratio']:.3f}x), activations saved for the backward "
+        f"{saved['inflora_checkpointed'] / 2**20:.1f} MiB vs {saved['inflora_task1'] / 2**20:.1f} MiB "
+        f"({f['checkpointing_memory_ratio']:.3f}x); peak step memory (GPU) {f['peak_step_memory_mb']}"
+    )
     print(
         f"trainable tensors' elements: InfLoRA {n['inflora_task1']} (B only), "
         f"PEFT {n['peft']} (A and B); InfLoRA at task 10: {n['inflora_task10']}"

@@ -1,4 +1,5 @@
-"""Activation checkpointing (train.gradient_checkpointing): the same loss and branch gradients as without it."""
+"""What large models need: activation checkpointing (train.gradient_checkpointing) with the same loss and branch
+gradients as without it, and weights that cannot fit a rank refused before anything is built."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def _loss_and_grads(model: nn.Module, inputs: dict[str, torch.Tensor], checkpoin
     """Loss and B gradients of one training-mode step of `model` with InfLoRA on q/v (fixed A, nonzero B)."""
     report = inject_inflora(model, ["q_proj", "v_proj"], rank=2, num_tasks=1)
     gen = torch.Generator().manual_seed(0)
-    for g, names in report.groups.items():
+    for g in report.groups:
         a = torch.randn(2, report.dims[g], generator=gen, dtype=torch.float64)
         for layer in report.group_modules(g):
             layer.start_task(0, a)
@@ -54,3 +55,20 @@ def test_checkpointing_keeps_loss_and_gradients(build):
 def test_checkpointing_refuses_a_model_without_support():
     with pytest.raises(ValueError, match=r"train.gradient_checkpointing=true: Sequential does not support"):
         enable_activation_checkpointing(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_weights_that_cannot_fit_a_rank_are_refused_before_building():
+    """A LLaMA with 200 layers of 4096 (about 40e9 parameters, 80 GB in bf16) on one rank at ZeRO-0: refused,
+    naming the model, the stage and the way out, before anything is built (counted on the meta device)."""
+    from inflora_dist.config import RunConfig
+    from inflora_dist.workloads import InstructionTuning, check_weights_fit
+
+    cfg = RunConfig()
+    cfg.model.kind, cfg.model.dtype = "causal_lm", "bfloat16"
+    cfg.model.config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                        "num_hidden_layers": 200, "num_attention_heads": 32}  # fmt: skip
+    with pytest.raises(MemoryError, match=r"model.config.model_type=llama: .* at deepspeed.zero_stage=0 .*"
+                       r"use deepspeed.zero_stage=3"):  # fmt: skip
+        check_weights_fit(cfg, InstructionTuning, torch.device("cpu"))
+    cfg.model.config["num_hidden_layers"] = 1
+    check_weights_fit(cfg, InstructionTuning, torch.device("cpu"))  # 0.4e9 parameters fit
