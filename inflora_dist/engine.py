@@ -112,6 +112,23 @@ def deepspeed_config(cfg: RunConfig, micro: int, accumulation: int, world_size: 
     return ds
 
 
+def construction_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config under which ZeRO-3 builds the model (models.partitioned_construction): the run's,
+    with its precision flags set to the dtype the weights must have. zero.Init casts every floating tensor it
+    creates to the config's precision (fp32 without a flag), and the engine does not cast a model built
+    partitioned; so the flags say bf16 under `train.precision: bf16` (what the engine made of any model before),
+    else `model.dtype` (a bf16 base under fp32 adapters and optimizer stays bf16)."""
+    ds = deepspeed_config(cfg, 1, 1, world_size)
+    ds.pop("bf16", None)
+    ds.pop("fp16", None)
+    dtype = "bfloat16" if cfg.train.precision == "bf16" else cfg.model.dtype
+    if dtype == "bfloat16":
+        ds["bf16"] = {"enabled": True}
+    elif dtype == "float16":
+        ds["fp16"] = {"enabled": True}
+    return ds
+
+
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():

@@ -139,21 +139,30 @@ def load_seq2seq_lm(cfg: ModelConfig, zero3_config: dict[str, Any] | None = None
     return load_backbone(cfg, AutoModelForSeq2SeqLM, zero3_config)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block's activations in the backward pass (transformers' non-reentrant
-    checkpointing: no input needs requires_grad, so frozen embeddings are fine) of the transformers model in
-    `model` (a vision classifier's backbone); a model that does not support it is refused, naming it."""
+def enable_activation_checkpointing(model: nn.Module, reentrant: bool = False) -> None:
+    """Recompute each transformer block's activations in the backward pass, in the transformers model in `model`
+    (a vision classifier's backbone); a model that does not support it is refused, naming it.
+
+    Non-reentrant checkpointing by default (no input needs requires_grad, so frozen embeddings are fine).
+    Under ZeRO-3 pass `reentrant`: the non-reentrant recomputation runs inside the backward's unpacking of
+    saved tensors, where DeepSpeed does not gather the block's partitioned weights again (torch then refuses
+    the recomputed empty placeholders: "Recomputed values ... have different metadata"); the reentrant one
+    reruns the block's forward, hooks and all. It needs the blocks' inputs to require grad, so the input
+    embeddings' output is made to (transformers' enable_input_require_grads).
+    """
     from transformers import PreTrainedModel
 
     target = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if target is None or not target.supports_gradient_checkpointing:
         name = type(target or model).__name__
         raise ValueError(f"train.gradient_checkpointing=true: {name} does not support activation checkpointing")
-    options = {"use_reentrant": False}
+    options = {"use_reentrant": reentrant}
     if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.25; the older name warns there
         target.activation_checkpointing_enable(options)
     else:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if reentrant:
+        target.enable_input_require_grads()
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

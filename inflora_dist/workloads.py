@@ -30,6 +30,7 @@ response as one sequence, an encoder-decoder LM (T5) the prompt in its encoder.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ from inflora_dist.data.text import (
     label_loss,
     response_loss,
 )
-from inflora_dist.engine import deepspeed_config
+from inflora_dist.engine import construction_config
 from inflora_dist.export import export_classifier_heads, export_merged_model
 from inflora_dist.inject import InjectionReport
 from inflora_dist.models import (
@@ -462,21 +463,19 @@ def check_weights_fit(cfg: RunConfig, kind: type[ImageClassification | Instructi
     ZeRO 0-2, a 1/world share under ZeRO-3. Collective (one all-reduce): every rank raises, or none."""
     world, stage = dist.get_world_size(), cfg.deepspeed.zero_stage
     params = count_model_parameters(cfg.model, kind.auto_class)
-    need = params * DTYPES[cfg.model.dtype].itemsize // (world if stage == 3 else 1)
+    weights = params * DTYPES[cfg.model.dtype].itemsize
+    need = weights // (world if stage == 3 else 1)
     have, where = _available_bytes(device)
     problem = ""
     if have and need > have:
         source = f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else (
             f"model.config.model_type={cfg.model.config.get('model_type')}")  # fmt: skip
-        hint = (
-            "more ranks"
-            if stage == 3
-            else f"deepspeed.zero_stage=3 ({need // world / 1e9:.2f} GB per rank over {world} ranks) or more ranks"
-        )
+        ranks = math.ceil(weights / have)  # the fewest ranks whose ZeRO-3 shares would fit, memory alike
+        where_to = "" if stage == 3 else "deepspeed.zero_stage=3 over "
         problem = (
-            f"{source}: {params / 1e9:.2f}e9 parameters in {cfg.model.dtype} need {need / 1e9:.2f} GB per rank at "
+            f"{source}: {params / 1e9:.2f}B parameters in {cfg.model.dtype} need {need / 1e9:.2f} GB per rank at "
             f"deepspeed.zero_stage={stage} with {world} rank(s), but this rank has {have / 1e9:.2f} GB ({where}): "
-            f"use {hint}"
+            f"use {where_to}at least {ranks} ranks ({weights / ranks / 1e9:.2f} GB each)"
         )
     if dist.any_rank(bool(problem)):  # collective
         raise MemoryError(problem or "the model's weights do not fit on another rank (see its message)")
@@ -488,9 +487,9 @@ def build_workload(cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device
     kinds = {"causal_lm": InstructionTuning, "seq2seq_lm": Seq2SeqInstructionTuning}
     kind = kinds.get(cfg.model.kind, ImageClassification)
     check_weights_fit(cfg, kind, device)  # collective
-    zero3 = deepspeed_config(cfg, 1, 1, dist.get_world_size()) if cfg.deepspeed.zero_stage == 3 else None
+    zero3 = construction_config(cfg, dist.get_world_size()) if cfg.deepspeed.zero_stage == 3 else None
     torch.manual_seed(cfg.seed)
     workload = kind(cfg, seq, device, zero3)
     if cfg.train.gradient_checkpointing:
-        enable_activation_checkpointing(workload.model)
+        enable_activation_checkpointing(workload.model, reentrant=cfg.deepspeed.zero_stage == 3)
     return workload
