@@ -130,8 +130,8 @@ class TrainConfig:
     zero_shot_eval: bool = True
     num_workers: int = 0
     log_every: int = 10
-    # Recompute each block's activations in the backward pass (transformers' non-reentrant checkpointing):
-    # less activation memory for long sequences, one more forward of the blocks per step.
+    # Recompute each block's activations in the backward pass (transformers' checkpointing; reentrant under
+    # ZeRO-3: models.enable_activation_checkpointing): less activation memory, one more forward per step.
     gradient_checkpointing: bool = False
 
 

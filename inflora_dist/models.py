@@ -50,11 +50,15 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **fields)
 
 
-def count_model_parameters(cfg: ModelConfig, auto_class: type = AutoModel) -> int:
-    """Parameters of the model, counted on the meta device (nothing allocated, nothing read)."""
+def meta_model(cfg: ModelConfig, auto_class: type = AutoModel) -> nn.Module:
+    """The model's modules on the meta device: shapes only, no weight allocated or read."""
     with torch.device("meta"):
-        model = auto_class.from_config(model_config(cfg))
-    return sum(p.numel() for p in model.parameters())
+        return auto_class.from_config(model_config(cfg))
+
+
+def count_model_parameters(cfg: ModelConfig, auto_class: type = AutoModel) -> int:
+    """Parameters of the model, counted on the meta device."""
+    return sum(p.numel() for p in meta_model(cfg, auto_class).parameters())
 
 
 @contextlib.contextmanager

@@ -119,6 +119,12 @@ def principal_angle(u: torch.Tensor, v: torch.Tensor) -> float:
     return math.asin(min(1.0, float(torch.linalg.matrix_norm(residual, ord=2))))
 
 
+def row_space(a: torch.Tensor) -> torch.Tensor:
+    """An orthonormal float64 basis (d, r') of the span of a designed A's nonzero rows (a row is zero where no
+    direction had energy): what A protects and trains in, whatever the order or sign of its rows."""
+    return torch.linalg.qr(a[a.abs().sum(dim=1) > 0].double().T)[0]
+
+
 def _gram_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors (f, f) and singular values (f,) of a float64 (f, d) matrix B, from eigh(B B^T).
 

@@ -24,6 +24,7 @@ try:
 except ImportError:  # the package is not installed: import it from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inflora_dist.bench.scale import svd_projected
 from inflora_dist.subspace import (
     A_SCALE,
     REMOVE,
@@ -32,6 +33,7 @@ from inflora_dist.subspace import (
     complement_basis,
     energy_threshold,
     principal_angle,
+    row_space,
 )
 
 LOGGER_NAME = "inflora_dist.subspace"
@@ -316,18 +318,10 @@ def test_random_sequences_match_oracle(seed):
 
 
 class SvdMemory(SubspaceMemory):
-    """The memory with the projected decompositions of before the eigh path: F @ svd(F^T C)."""
+    """The memory with the projected decompositions of before the eigh path (`bench.scale.svd_projected`)."""
 
     def _projected_svd(self, c):
-        if self.mode is None:
-            return super()._projected_svd(c)
-        free = self.basis if self.mode == RETAIN else complement_basis(self.basis)
-        u, s, _ = torch.linalg.svd(free.T @ c, full_matrices=False)
-        return free @ u, s
-
-
-def _rows_basis(a: torch.Tensor) -> torch.Tensor:
-    return a[nonzero_rows(a) > torch.arange(a.shape[0])].T / A_SCALE  # orthonormal columns
+        return super()._projected_svd(c) if self.mode is None else svd_projected(self, c)
 
 
 @pytest.mark.parametrize("name", sorted(ORACLE_CASES))
@@ -339,7 +333,7 @@ def test_eigh_path_equals_the_svd_path(name):
     for task, (pre, post) in enumerate(sequence(seed, d, tasks, spectra)):
         a, a_svd = ours.down_projection(t64(pre), rank), svd.down_projection(t64(pre), rank)
         assert nonzero_rows(a) == nonzero_rows(a_svd)
-        assert principal_angle(_rows_basis(a), _rows_basis(a_svd)) <= 1e-6
+        assert principal_angle(row_space(a), row_space(a_svd)) <= 1e-6
         ours.update(t64(post), task)
         svd.update(t64(post), task)
         assert (ours.mode, ours.protected_dim) == (svd.mode, svd.protected_dim), task

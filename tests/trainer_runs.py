@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import free_port
+from inflora_dist.subspace import row_space
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny_vit.yaml"
@@ -130,7 +131,7 @@ def predict_prompts(run: Path, prompts: list[str], scratch: Path, max_new_tokens
 
 
 def _row_projector(a: torch.Tensor) -> torch.Tensor:
-    q = torch.linalg.qr(a[a.abs().sum(dim=1) > 0].double().T)[0]
+    q = row_space(a)
     return q @ q.T
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from inflora_dist.bench.cl import METHODS, REPO, launch
-from inflora_dist.subspace import principal_angle
+from inflora_dist.subspace import principal_angle, row_space
 
 SUMMARY = "accuracy, A and pass time with inflora.covariance_max_tokens against full covariance passes"
 PASSES = ("design_pass_s", "update_pass_s")
@@ -39,12 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to both runs")
 
 
-def _row_basis(a: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis (d, r') of the row space of A's nonzero rows (a row is zero where no direction had
-    energy)."""
-    return torch.linalg.qr(a[a.abs().sum(dim=1) > 0].double().T)[0]
-
-
 def row_space_angles(full: dict[str, torch.Tensor], budget: dict[str, torch.Tensor]) -> list[float]:
     """Per task, the largest principal angle (degrees) over the groups between the row spaces of two runs' A_t
     (`<group>.A.<t>` tensors of continual_state.safetensors)."""
@@ -53,7 +47,7 @@ def row_space_angles(full: dict[str, torch.Tensor], budget: dict[str, torch.Tens
         _, sep, task = key.rpartition(".A.")
         if not sep:
             continue
-        u, v = _row_basis(a), _row_basis(budget[key])
+        u, v = row_space(a), row_space(budget[key])
         angle = principal_angle(u, v) if u.shape == v.shape else math.pi / 2  # a different usable rank
         angles[int(task)] = max(angles.get(int(task), 0.0), math.degrees(angle))
     return [angles[t] for t in sorted(angles)]

@@ -30,11 +30,13 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
 
+from inflora_dist.config import ModelConfig
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import DEFAULT_BUCKET_BYTES, free_port
 from inflora_dist.inject import inject_inflora
-from inflora_dist.models import DTYPES
+from inflora_dist.models import DTYPES, count_model_parameters, meta_model
 from inflora_dist.planner import plan_covariance
 
 SUMMARY = "a 1.1B or 7B causal LM through 2 tasks under ZeRO-3 at each world size: memory and phases"
@@ -115,24 +117,22 @@ def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int, de
     }
 
 
-def _meta_model(config: Path) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(OmegaConf.to_container(OmegaConf.load(config).model.config))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+def _model_config(config: Path) -> ModelConfig:
+    # The data does not exist yet: read the YAML's model fields, not a validated RunConfig.
+    return ModelConfig(config=dict(OmegaConf.to_container(OmegaConf.load(config).model.config)))
 
 
 def model_parameters(config: Path) -> int:
     """Parameters of the config's model, counted on the meta device (nothing allocated)."""
-    return sum(p.numel() for p in _meta_model(config).parameters())
+    return count_model_parameters(_model_config(config), AutoModelForCausalLM)
 
 
 def group_dims(config: Path) -> dict[str, int]:
     """The input groups the config's targets form, and their sizes (injected into the model on the meta device)."""
     cfg = OmegaConf.load(config)  # the data does not exist yet: read the YAML, not a validated RunConfig
     layers = cfg.inflora.get("layers_to_transform")
-    report = inject_inflora(_meta_model(config), list(cfg.inflora.targets), cfg.inflora.rank, 1,
+    model = meta_model(_model_config(config), AutoModelForCausalLM)
+    report = inject_inflora(model, list(cfg.inflora.targets), cfg.inflora.rank, 1,
                             layers_to_transform=list(layers) if layers is not None else None)  # fmt: skip
     return report.dims
 

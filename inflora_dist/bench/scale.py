@@ -53,11 +53,11 @@ import torch.multiprocessing as mp
 
 from inflora_dist import dist
 from inflora_dist.bench.precision import projector_errors
-from inflora_dist.bench.step import build_vit, covariance_batch, forward, make_batches
+from inflora_dist.bench.step import build_vit, covariance_batch, forward, make_batches, synchronize
 from inflora_dist.continual import InfLoRA
 from inflora_dist.covariance import assign_owners, traffic_bytes
 from inflora_dist.inject import inject_inflora
-from inflora_dist.subspace import SubspaceMemory, complement_basis, principal_angle
+from inflora_dist.subspace import RETAIN, SubspaceMemory, complement_basis, principal_angle
 
 SUMMARY = "covariance traffic, decompositions and step per world size, and a projection to a GPU cluster"
 GOALS = {"reduce_bytes_ratio": 0.51, "precision_fp32_gemm_fp64_sum": 1e-6}
@@ -226,17 +226,11 @@ def measure_worlds(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 # ---------------------------------------------------------------------- decompositions
-def _sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so the wall clock times it (a no-op on the host)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Any, device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -260,9 +254,11 @@ def time_decompositions(dims: list[int], device: torch.device, seed: int = 0) ->
     return rows
 
 
-def _svd_projected(memory: SubspaceMemory, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projected decomposition as it was before the eigh path: F @ svd(F^T C)."""
-    free = complement_basis(memory.basis.to(c.device))
+def svd_projected(memory: SubspaceMemory, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected decomposition of a stored memory as it was before the eigh path: F @ svd(F^T C), F the
+    free space's basis (in either mode). What the eigh path is timed and tested against."""
+    basis = memory.basis.to(c.device)
+    free = basis if memory.mode == RETAIN else complement_basis(basis)
     u, s, _ = torch.linalg.svd(free.T @ c, full_matrices=False)
     return free @ u, s
 
@@ -288,11 +284,11 @@ def time_projected_decomposition(d: int, device: torch.device, seed: int = 0, ra
         torch.linalg.eigh(c[:8, :8])
         torch.linalg.svd(c[:8, :8])
     results = {}
-    for name, fn in (("old", lambda: _svd_projected(memory, c)), ("new", lambda: memory._projected_svd(c))):
-        _sync(device)
+    for name, fn in (("old", lambda: svd_projected(memory, c)), ("new", lambda: memory._projected_svd(c))):
+        synchronize(device)
         start = time.perf_counter()
         results[name] = fn()
-        _sync(device)
+        synchronize(device)
         results[f"{name}_s"] = time.perf_counter() - start
     (u_old, s_old), (u_new, s_new) = results["old"], results["new"]
     k_old, k_new = _energy_rank(s_old, threshold), _energy_rank(s_new, threshold)
@@ -325,7 +321,7 @@ def llama2_7b_long(tokens_per_sample: int, all_projections: bool = False,
     """LLaMA-2-7B on O-LoRA's long benchmark (configs/olora/llama2_7b_long.yaml): 15 tasks of 1,000 records.
 
     Branches on q and v, as O-LoRA and GainLoRA adapt LLaMA (32 groups: q and v read one input), or with
-    `all_projections` on all seven projections (128 groups, configs/olora/*_all_projections.yaml)."""
+    `all_projections` on all seven projections (128 groups: the targets the comments of configs/olora/ give)."""
     dims = {}
     for i in range(32):
         if all_projections:

@@ -188,11 +188,17 @@ def peak_step_memory(step: Callable[[torch.Tensor], None], pixels: torch.Tensor)
     """Peak allocated MiB of one step on a GPU (None on the host: no allocator statistics there)."""
     if pixels.device.type != "cuda":
         return None
-    torch.cuda.synchronize(pixels.device)
+    synchronize(pixels.device)
     torch.cuda.reset_peak_memory_stats(pixels.device)
     step(pixels)
-    torch.cuda.synchronize(pixels.device)
+    synchronize(pixels.device)
     return torch.cuda.max_memory_allocated(pixels.device) / 2**20
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the device's queued work, so the wall clock times it (a no-op on the host)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps: int, repeats: int,
@@ -203,7 +209,6 @@ def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps:
     flips every round, so drifting machine load hits all arms alike. On a GPU
     each call is timed between two synchronisations.
     """
-    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
     names = list(arms)
     for i in range(warmup):
         for name in names:
@@ -214,10 +219,10 @@ def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps:
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(steps):
             for name in names if i % 2 == 0 else reversed(names):
-                sync()
+                synchronize(device)
                 start = time.perf_counter()
                 arms[name](i)
-                sync()
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
             i += 1
         for name in names:
