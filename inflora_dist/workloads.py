@@ -490,6 +490,15 @@ def build_workload(cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device
     zero3 = construction_config(cfg, dist.get_world_size()) if cfg.deepspeed.zero_stage == 3 else None
     torch.manual_seed(cfg.seed)
     workload = kind(cfg, seq, device, zero3)
+    partitioned = [p for p in workload.model.parameters() if hasattr(p, "ds_tensor")]
+    if partitioned and dist.is_main_process():
+        logger.info(
+            "model built partitioned (ZeRO-3): this rank holds %d of the %d elements of %d parameters",
+            sum(p.ds_tensor.numel() for p in partitioned), sum(p.ds_numel for p in partitioned), len(partitioned),
+        )  # fmt: skip
     if cfg.train.gradient_checkpointing:
-        enable_activation_checkpointing(workload.model, reentrant=cfg.deepspeed.zero_stage == 3)
+        reentrant = cfg.deepspeed.zero_stage == 3
+        enable_activation_checkpointing(workload.model, reentrant=reentrant)
+        if dist.is_main_process():
+            logger.info("activation checkpointing on (%s)", "reentrant" if reentrant else "non-reentrant")
     return workload

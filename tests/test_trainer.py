@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -316,7 +317,13 @@ def test_gradient_checkpointing_under_zero3_changes_no_result(runs, shards, tmp_
     """train.gradient_checkpointing under ZeRO-3 on 2 processes (recomputed blocks gather their partitioned
     weights again in the backward): the same A, memories and B (1e-6) and matrices as without it."""
     out = tmp_path / "checkpointed"
-    train(2, out, "deepspeed.zero_stage=3", "train.gradient_checkpointing=true", shards=shards)
+    proc = train(2, out, "deepspeed.zero_stage=3", "train.gradient_checkpointing=true", shards=shards)
+    logs = proc.stdout + proc.stderr
+    assert "activation checkpointing on (reentrant)" in logs
+    # Built partitioned: rank 0 holds about half of every backbone parameter (padded to the ranks), no more.
+    built = re.search(r"this rank holds (\d+) of the (\d+) elements of (\d+) param", logs)
+    held, total, count = map(int, built.groups())
+    assert count > 0 and 2 * held <= total + 2 * count
     (metrics, state), (ref_metrics, ref_state) = results(out), results(runs(2, 3))
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, ref_state[name], rtol=1e-6, atol=1e-6, msg=name)
