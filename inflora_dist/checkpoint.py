@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from inflora_dist import dist
+from inflora_dist.config import resume_differences
+from inflora_dist.data.spec import continuation_error
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MEMORY_PREFIX = "memory."  # state.safetensors: subspace bases by input group
@@ -177,7 +182,78 @@ class Checkpointer:
         rng = path / f"rng.{dist.get_rank()}.json"
         if rng.exists():
             set_rng_state(json.loads(rng.read_text()))
-        return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
+        return read_state(path)
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint's own state (tensors, meta), read without verifying it (see `Checkpointer.load`)."""
+    return load_file(str(path / "state.safetensors")), read_meta(path)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON state: progress, metrics, config, task sequence (see the module docstring)."""
+    return json.loads((path / "state.json").read_text())
+
+
+def check_resumable(
+    path: Path,
+    meta: dict[str, Any],
+    config: dict[str, Any],
+    tasks_file: str,
+    records: list[dict[str, Any]],
+    stages: Callable[[int], Sequence[Sequence[int]]],
+    method_problems: list[str],
+    world_size: int,
+) -> None:
+    """Refuse, before loading anything, a checkpoint this run cannot resume.
+
+    `config` is this run's resolved config, `records` its task sequence
+    (`data.spec.task_records`), `stages` its method's stage layout and
+    `method_problems` what the method itself refuses (`Method.resume_problems`).
+    Refused: fixed config keys that differ (`config.RESUME_FIXED_KEYS`); a task
+    sequence that neither repeats nor continues the run's (its tasks first,
+    unchanged, then new ones); more tasks where the method's stages of the run
+    are not the first of the longer sequence's (joint), or mid-task; a mid-task
+    checkpoint at another world size (DeepSpeed's optimizer shards).
+    """
+    if "config" not in meta:
+        logger.warning("checkpoint %s predates config records: its compatibility is not checked", path)
+        return
+    saved = meta["task_sequence"]
+    broken = continuation_error(saved, records)
+    if broken:
+        raise ValueError(
+            f"the task sequence {tasks_file} does not continue the run of checkpoint {path}: {broken}. "
+            f"Resuming needs the run's {len(saved)} tasks first, as they were (names, classes, instruction "
+            "format, sample counts, shard checksums); new tasks may follow them. Or start afresh: "
+            "resume=never, or another output_dir"
+        )
+    problems = resume_differences(meta["config"], config) + method_problems
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} was written with another config; these change the saved state's shapes or "
+            "meaning and must stay as they were (or start afresh: resume=never, or another output_dir):\n  "
+            + "\n  ".join(problems)
+        )
+    progress = meta["progress"]
+    if len(records) > len(saved):
+        before, after = [list(s) for s in stages(len(saved))], [list(s) for s in stages(len(records))]
+        if after[: len(before)] != before:
+            raise ValueError(
+                f"checkpoint {path}: method={config['method']} trains all tasks in one stage, it cannot be "
+                f"extended with {len(records) - len(saved)} more; start a run of the whole sequence instead"
+            )
+        if progress["phase"] != "start":
+            raise ValueError(
+                f"checkpoint {path} was written mid-task {progress['task']}: finish the run with its own "
+                f"{len(saved)} tasks first, then extend it from its last task-boundary checkpoint (*-done)"
+            )
+    if progress["phase"] == "train" and meta["world_size"] != world_size:
+        raise RuntimeError(
+            f"checkpoint {path} was written mid-task by {meta['world_size']} processes; resuming it needs the "
+            f"same number (DeepSpeed's optimizer shards), this run has {world_size}. "
+            "A task-boundary checkpoint (*-done) resumes at any world size."
+        )
 
 
 def restore_model_state(

@@ -231,8 +231,11 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+#: The continual-learning methods (methods.METHODS holds their classes).
+METHOD_NAMES = ("inflora", "seq_lora", "joint", "simple_cil")
+
 _CHOICES = {
-    "method": ("inflora", "seq_lora", "joint", "simple_cil"),
+    "method": METHOD_NAMES,
     "model.kind": ("vit", *LANGUAGE_MODEL_KINDS),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "inflora.fold": ("merge", "stack"),
@@ -337,7 +340,7 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
 #: What a resume must keep: these change the shapes or the meaning of a run's saved state (a prefix covers
 #: its whole section). Everything else may change on resume (lr and epochs of later tasks, logging, W&B,
 #: checkpoint cadence, evaluation batch, DeepSpeed settings and the world size at a task boundary).
-#: (inflora.planned_tasks is checked by the trainer against the run's effective horizon.)
+#: (inflora.planned_tasks is checked by the method against the run's effective horizon.)
 RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
                      "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.")  # fmt: skip
 #: model keys that only change how evaluation generates, not the state.

@@ -1,6 +1,7 @@
-"""Export a continual run: the subspace state for analysis or reuse, and the adapter in PEFT's LoRA format.
+"""Export a continual run: its subspace state and class statistics for analysis or reuse, the adapter in
+PEFT's LoRA format, and the merged model as plain transformers weights.
 
-Three exports:
+Five exports:
 
 * `export_continual_state` writes every input group's designed down-projections
   A_t and its protected old-task basis as safetensors, with a JSON sidecar of the
@@ -22,10 +23,11 @@ Three exports:
 No function imports peft: the adapter files are written directly, in the
 layout PEFT's `save_pretrained` produces (checked against peft 0.21 in the tests).
 
-Both functions read only what every rank holds (A is a buffer, the memories are
-broadcast by `InfLoRA`), except B under DeepSpeed ZeRO-3, which
-`export_peft_adapter` gathers: under ZeRO-3 call it on every rank. Only the main
-process writes files.
+The continual state, class statistics and heads are read from what every rank
+holds (A is a buffer, the memories are broadcast by `InfLoRA`, the statistics
+reduced). Under DeepSpeed ZeRO-3, `export_peft_adapter` gathers B and
+`export_merged_model` every parameter, one layer at a time: call them on every
+rank. Only the main process writes files.
 """
 
 from __future__ import annotations

@@ -156,13 +156,10 @@ class InfLoRALinear(nn.Module):
             raise ValueError(f"task_id must be an int in [0, {self.num_tasks}), got {task_id!r}")
 
     # ------------------------------------------------------------------ merge
-    def delta_weight(self, task_id: int) -> torch.Tensor:
-        """B_t A_t, (d_out, d_in), in float32 whatever the adapter dtype (it is added into the base weight)."""
-        return self.lora_B(task_id).float() @ self.lora_A[task_id].float()
-
     def weight_delta(self, task_id: int) -> torch.Tensor:
-        """`delta_weight` in the base weight's own layout (transposed for GPT-2's Conv1D), float32."""
-        delta = self.delta_weight(task_id)
+        """B_t A_t in the base weight's own layout: (d_out, d_in), transposed for GPT-2's Conv1D; float32
+        whatever the adapter dtype (it is added into the base weight)."""
+        delta = self.lora_B(task_id).float() @ self.lora_A[task_id].float()
         return delta.T if self.fan_in_fan_out else delta
 
     def live_tasks(self) -> list[int]:

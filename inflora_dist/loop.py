@@ -1,24 +1,24 @@
 """The continual task loop: it orchestrates, the components do the work.
 
-For each task t of the sequence:
+For each stage of the sequence (one task, or all of them for a joint method):
 
     every rank fingerprints config, task data, versions and frozen weights -> stop on any mismatch
-    build the task's engine (trainable: B_t of every layer, and head t for classification)
-    covariance pass over task t's training data (exact mode)  -> on_task_start: A_t
-    train for `train.epochs` epochs                            (step checkpoints, pre-emption)
-    covariance pass with the new branch                        -> on_task_end: DualGPM, fold B_t A_t
-      the same pass sums each class's features                 -> class statistics (classification)
-    classifier alignment of heads 0..t (ca.enabled, t >= 1)
-    evaluate tasks 0..t, update the accuracy matrices          -> metrics.json, plots, W&B
+    build the stage's engine (trainable: the method's branch tensors, and the stage's heads)
+    method.start_stage: install the branches     (InfLoRA: a covariance pass over the data -> A_t)
+    train for `train.epochs` epochs, the method's loss terms added   (step checkpoints, pre-emption)
+    method.finish_stage: fold the branches       (InfLoRA: a covariance pass -> DualGPM, fold B_t A_t)
+      the same data pass sums each class's features      -> class statistics (classification)
+    method.update_heads from the statistics      (classifier alignment with ca.enabled; prototypes)
+    evaluate tasks 0..t, record the scores       -> metrics.json, plots, W&B
     checkpoint; destroy the engine
 
 A pre-emption signal is honoured at the next step boundary while training, and
 at the next task boundary (after its checkpoint) during the work after training.
-method=simple_cil trains nothing: each task is one statistics pass, and the
-heads become the prototype classifier (the class means).
 
-What is trained and scored (images and heads, or a causal LM and its generated
-answers) comes from a workload (workloads.py). One process group serves the
+How tasks are learned comes from the method (methods/: InfLoRA, joint,
+seq-LoRA, SimpleCIL); what is trained and scored (images and heads, or a
+language model and its generated answers) from a workload (workloads.py). The
+trainer never asks which method or model it runs. One process group serves the
 whole sequence. Every rank runs the same collectives in the same order; only
 rank 0 logs, draws progress bars and writes files other than checkpoint shards.
 """
@@ -26,15 +26,13 @@ rank 0 logs, draws progress bars and writes files other than checkpoint shards.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import resource
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,50 +41,25 @@ from tqdm import tqdm
 
 from inflora_dist import __version__, dist
 from inflora_dist.agreement import check_ranks_agree, frozen_weights, tensors_digest
-from inflora_dist.checkpoint import (
-    MEMORY_PREFIX,
-    STATS_PREFIX,
-    CheckpointCorrupt,
-    Checkpointer,
-    class_statistics_state,
-    restore_model_state,
-)
-from inflora_dist.config import RunConfig, resume_differences, to_dict, to_yaml
-from inflora_dist.continual import InfLoRA, finish_branches, start_random_branches
+from inflora_dist.checkpoint import STATS_PREFIX, CheckpointCorrupt, Checkpointer, check_resumable
+from inflora_dist.config import RunConfig, to_dict, to_yaml
 from inflora_dist.covariance import CovarianceCollector, TokenBudget, restrict_mask
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
-from inflora_dist.data.build_shards import main as build_shards
-from inflora_dist.data.spec import continuation_error, task_records
+from inflora_dist.data.build_shards import build_from_config
+from inflora_dist.data.spec import task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
-from inflora_dist.export import export_class_statistics, export_continual_state, export_peft_adapter
-from inflora_dist.inject import count_parameters, inject_inflora
-from inflora_dist.metrics import AccuracyMatrix, format_table, save_metrics, save_plots
-from inflora_dist.monitor import Monitor
-from inflora_dist.planner import collect_in_passes, plan_for
+from inflora_dist.export import export_class_statistics, export_peft_adapter
+from inflora_dist.inject import count_parameters
+from inflora_dist.methods import Stage, assemble, restore
+from inflora_dist.metrics import save_metrics
+from inflora_dist.monitor import Monitor, memory_mb_per_rank
 from inflora_dist.runlock import RunDirectoryLocked, RunLock
-from inflora_dist.workloads import build_workload, score_task
+from inflora_dist.workloads import score_task
 
 logger = logging.getLogger(__name__)
 
-
-def memory_mb_per_rank() -> tuple[list[float], list[float]]:
-    """(resident MB now, peak resident MB so far) of every rank's process, by rank. Collective (one all-gather).
-
-    Host memory (Linux /proc and getrusage): what a CPU run holds; on GPUs see
-    torch.cuda.max_memory_allocated.
-    """
-    try:
-        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        resident = 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    table = dist.all_gather(torch.tensor([resident, peak], dtype=torch.float64, device=dist.collective_device()))
-    return table[:, 0].tolist(), table[:, 1].tolist()
-
-
 #: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
-_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -105,7 +78,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class ContinualTrainer:
-    """Runs a task sequence with InfLoRA under DeepSpeed; see the module docstring for the order of work."""
+    """Runs a task sequence with a continual-learning method under DeepSpeed; see the module docstring for the
+    order of work."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -122,31 +96,11 @@ class ContinualTrainer:
         self.names = [t.name for t in self.seq.tasks]
         self.num_tasks = len(self.seq.tasks)
         self.task_metrics = [t.instruction.metric if t.instruction else "accuracy" for t in self.seq.tasks]
-        # The tasks trained together at each stage: one per stage, or all at once (the joint upper bound).
-        tasks = list(range(self.num_tasks))
-        self.stages = [tasks] if cfg.method == "joint" else [[t] for t in tasks]
-
-        self.workload = build_workload(cfg, self.seq, self.device)  # the same model and heads on every rank
+        # The same model, heads and branches on every rank; the method says which tasks train together.
+        self.workload, self.method = assemble(cfg, self.seq, self.device, self.num_tasks)
         self.model = self.workload.model
-        report = inject_inflora(
-            self.model,
-            cfg.inflora.targets,
-            cfg.inflora.rank,
-            len(self.stages),
-            fold=cfg.inflora.fold,
-            layers_to_transform=cfg.inflora.layers_to_transform,
-        )
-        self.inflora = InfLoRA(
-            report,
-            cfg.inflora.lambda_begin,
-            cfg.inflora.lambda_end,
-            reduce=cfg.inflora.reduce,
-            accumulation_dtype=_DTYPES[cfg.inflora.accumulation_dtype],
-            gemm_dtype=_DTYPES[cfg.inflora.covariance_gemm_dtype],
-            bucket_bytes=cfg.inflora.reduce_bucket_bytes,
-            planned_tasks=cfg.inflora.planned_tasks,
-            mask_sides=self.workload.mask_sides(report.groups),
-        )
+        self.stages = self.method.stages(self.num_tasks)
+        report = self.method.report
         # The pre-trained weights the branches adapt, as loaded (before any merge): compared before every stage.
         start = time.perf_counter()
         self.weights_digest = tensors_digest(frozen_weights(report))  # collective under ZeRO-3
@@ -154,8 +108,7 @@ class ContinualTrainer:
         self.micro, self.accumulation = batch_layout(
             cfg.train.global_batch_size, self.world, cfg.train.max_micro_batch_size
         )
-        self.matrices = {key: AccuracyMatrix(num_tasks=self.num_tasks) for key in self.workload.matrices}
-        self.joint: dict[str, list[float]] = {}  # method=joint: each matrix's one row, all tasks trained at once
+        self.scores = self.method.new_scores(self.workload.matrices, self.num_tasks)
         # Every task scored once before task 0 (what training adds); None per task an extension added later.
         self.zero_shot: list[float | None] | None = None
         self.timings: list[dict[str, float]] = []  # per stage: seconds of training, class statistics, alignment
@@ -188,11 +141,7 @@ class ContinualTrainer:
         cfg = self.cfg.data
         build = cfg.build
         if build and dist.is_main_process() and not Path(cfg.tasks).exists():
-            source = build.get("source", "fashion-mnist")
-            args = [source, "--out", str(Path(cfg.tasks).parent), "--quiet"]
-            args += [a for k, v in build.items() if k != "source" for a in (f"--{k.replace('_', '-')}", str(v))]
-            logger.info("building the task sequence: build_shards %s", " ".join(args))
-            build_shards(args)
+            build_from_config(build, Path(cfg.tasks).parent)
         dist.barrier()  # collective: the shards exist before anyone reads them
         options = cfg.storage_options or None
         return load_task_sequence(cfg.tasks, storage_options=options)
@@ -221,24 +170,23 @@ class ContinualTrainer:
     # ------------------------------------------------------------------ state
     def _state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Adapters, heads and memories as tensors; progress and metrics as JSON. Collective under ZeRO-3."""
-        params = {n: p for n, p in self.model.named_parameters() if ".lora_B_" in n or n.startswith("heads.")}
+        params = {n: p for n, p in self.model.named_parameters() if ".lora_" in n or n.startswith("heads.")}
         with dist.gathered_params(params.values()):  # collective under ZeRO-3
             tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
         tensors.update({n: b.cpu() for n, b in self.model.named_buffers() if n.endswith(("lora_A", "task_status"))})
-        for g, memory in self.inflora.memories.items():
-            tensors[f"{MEMORY_PREFIX}{g}"] = memory.basis
-        if self.workload.statistics is not None:
-            tensors.update({f"{STATS_PREFIX}{k}": v for k, v in self.workload.statistics.state_dict().items()})
+        method_tensors, method_meta = self.method.state()
+        tensors.update(method_tensors)
+        classes = self.workload.classes
+        if classes is not None:
+            tensors.update({f"{STATS_PREFIX}{k}": v for k, v in classes.statistics.state_dict().items()})
         meta = {
             "progress": asdict(self.progress),
-            "matrices": {key: m.rows for key, m in self.matrices.items()},
-            "joint": self.joint,
+            **self.scores.state(),
             "zero_shot": self.zero_shot,
             "timings": self.timings,
             "config": to_dict(self.cfg),
             "task_sequence": task_records(self.seq, self.index),
-            "planned_tasks": self._horizon(),
-            "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()},
+            **method_meta,
             "wandb_run_id": self.monitor.run_id,
             "world_size": self.world,
         }
@@ -257,35 +205,22 @@ class ContinualTrainer:
         if loaded is None:
             return None
         path, tensors, meta = loaded
-        self._check_compatible(path, meta)
+        check_resumable(
+            path, meta, to_dict(self.cfg), self.cfg.data.tasks, task_records(self.seq, self.index),
+            self.method.stages, self.method.resume_problems(meta) if "config" in meta else [], self.world,
+        )  # fmt: skip
         saved_tasks = len(meta.get("task_sequence", self.seq.tasks))
-        if self.cfg.inflora.planned_tasks is None and "config" in meta:
-            for memory in self.inflora.memories.values():  # the run's horizon holds for the tasks it gains
-                memory.num_tasks = self._saved_horizon(meta)
-        restore_model_state(self.model, self.inflora.report.layers.values(), tensors, path)
-        for g, memory in self.inflora.memories.items():
-            memory.load_state_dict(
-                {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"{MEMORY_PREFIX}{g}"]}
-            )
-        self.matrices = {key: AccuracyMatrix(rows, num_tasks=self.num_tasks) for key, rows in meta["matrices"].items()}
-        if self.workload.statistics is not None:
-            self.workload.load_statistics(class_statistics_state(tensors))
-        self.joint = meta["joint"]
+        restore(self.workload, self.method, tensors, meta, path)
+        self.scores.load_state(meta)
         self.zero_shot = meta.get("zero_shot")
         self.timings = meta["timings"]
         self.progress = Progress(**meta["progress"])
-        if self.progress.phase == "train" and meta["world_size"] != self.world:
-            raise RuntimeError(
-                f"checkpoint {path} was written mid-task by {meta['world_size']} processes; resuming it needs the "
-                f"same number (DeepSpeed's optimizer shards), this run has {self.world}. "
-                "A task-boundary checkpoint (*-done) resumes at any world size."
-            )
         self._resume_path = path
         logger.info("resumed from %s: task %d, phase %s", path, self.progress.task, self.progress.phase)
         if saved_tasks < self.num_tasks:
             logger.info(
-                "extending the run's %d tasks by %d: %s (DualGPM horizon T=%d)", saved_tasks,
-                self.num_tasks - saved_tasks, ", ".join(self.names[saved_tasks:]), self._horizon(),
+                "extending the run's %d tasks by %d: %s %s", saved_tasks, self.num_tasks - saved_tasks,
+                ", ".join(self.names[saved_tasks:]), self.method.describe(),
             )  # fmt: skip
         return meta["wandb_run_id"]
 
@@ -341,64 +276,22 @@ class ContinualTrainer:
             "frozen weights of the targeted layers": self.weights_digest,
         }
 
-    def _horizon(self) -> int:
-        """DualGPM's threshold horizon T in use (the same in every group's memory)."""
-        return next(iter(self.inflora.memories.values())).num_tasks
-
-    @staticmethod
-    def _saved_horizon(meta: dict[str, Any]) -> int:
-        # Checkpoints before the horizon was recorded: the explicit key, else their sequence's length.
-        return meta.get("planned_tasks") or meta["config"]["inflora"].get("planned_tasks") or len(meta["task_sequence"])
-
-    def _check_compatible(self, path: Path, meta: dict[str, Any]) -> None:
-        """Refuse, before loading anything, a checkpoint whose fixed config keys differ, or whose run this
-        task sequence neither repeats nor continues (the run's tasks first, unchanged, then new ones)."""
-        if "config" not in meta:
-            logger.warning("checkpoint %s predates config records: its compatibility is not checked", path)
-            return
-        saved = meta["task_sequence"]
-        broken = continuation_error(saved, task_records(self.seq, self.index))
-        if broken:
-            raise ValueError(
-                f"the task sequence {self.cfg.data.tasks} does not continue the run of checkpoint {path}: {broken}. "
-                f"Resuming needs the run's {len(saved)} tasks first, as they were (names, classes, instruction "
-                "format, sample counts, shard checksums); new tasks may follow them. Or start afresh: "
-                "resume=never, or another output_dir"
-            )
-        problems = resume_differences(meta["config"], to_dict(self.cfg))
-        planned, horizon = self.cfg.inflora.planned_tasks, self._saved_horizon(meta)
-        if planned is not None and planned != horizon:
-            problems.append(f"inflora.planned_tasks: the run's threshold horizon is {horizon} -> {planned}")
-        if problems:
-            raise ValueError(
-                f"checkpoint {path} was written with another config; these change the saved state's shapes or "
-                "meaning and must stay as they were (or start afresh: resume=never, or another output_dir):\n  "
-                + "\n  ".join(problems)
-            )
-        if len(self.seq.tasks) > len(saved):
-            progress = meta["progress"]
-            if self.cfg.method == "joint":
-                raise ValueError(
-                    f"checkpoint {path}: method=joint trains all tasks in one stage, it cannot be extended with "
-                    f"{len(self.seq.tasks) - len(saved)} more; start a joint run of the whole sequence instead"
-                )
-            if progress["phase"] != "start":
-                raise ValueError(
-                    f"checkpoint {path} was written mid-task {progress['task']}: finish the run with its own "
-                    f"{len(saved)} tasks first, then extend it from its last task-boundary checkpoint (*-done)"
-                )
-
     # ------------------------------------------------------------------ passes
     def _data_pass(
-        self, engine: Any, tasks: list[int], desc: str, collector: CovarianceCollector | None, sums: Any
+        self,
+        engine: Any,
+        tasks: list[int],
+        desc: str,
+        collector: CovarianceCollector | None,
+        sums: Any,
+        max_tokens: int | None,
     ) -> float:
         """One no-grad pass over the tasks' training data (exact mode) feeding `collector` and/or the class
         `sums`; returns the seconds spent summing class features.
 
-        With `inflora.covariance_max_tokens` the collector sees only the first samples that fit the budget
-        (TokenBudget), read with the shards interleaved so that they come from every shard; the pass then
-        ends there, unless it also sums the class statistics, which read every sample. Collective."""
-        max_tokens = self.cfg.inflora.covariance_max_tokens if collector is not None else None
+        With `max_tokens` the collector sees only the first samples that fit the budget (TokenBudget), read
+        with the shards interleaved so that they come from every shard; the pass then ends there, unless it
+        also sums the class statistics, which read every sample. Collective."""
         budget = TokenBudget(max_tokens) if max_tokens else None
         loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size, interleave=budget is not None)
         summing = 0.0
@@ -414,7 +307,7 @@ class ContinualTrainer:
                     features = self.workload.forward(engine, batch, upto=tasks[-1])
                 if sums is not None:
                     start = time.perf_counter()
-                    self.workload.add_features(sums, features, batch)
+                    self.workload.classes.add_features(sums, features, batch)
                     summing += time.perf_counter() - start
                 bar.update(1)
         if budget is not None and dist.is_main_process():
@@ -422,39 +315,10 @@ class ContinualTrainer:
                         budget.samples, max_tokens)  # fmt: skip
         return summing
 
-    def _covariance_pass(
-        self, engine: Any, stage: int, sums: Any = None
-    ) -> tuple[dict[str, torch.Tensor] | None, float, float]:
-        """Collect x x^T of the stage's training data (exact mode); returns (reduced covariances, seconds,
-        seconds of class sums).
-
-        With `sums`, the same forwards also sum the class statistics' features
-        (once, even when the pass is split). Without
-        `inflora.covariance_max_bytes_per_rank` one pass fills the InfLoRA
-        collector (covariances None: the hooks reduce them). With it, the input
-        groups are split into several passes over the data that fit the budget
-        (planner.py), and this rank's reduced covariances are returned. Collective.
-        """
-        start = time.perf_counter()
+    def _stage(self, engine: Any, stage: int) -> Stage:
+        """What the method's hooks get for `stage`: its tasks, its engine and passes over its training data."""
         tasks = self.stages[stage]
-        engine.eval()
-        pending = [sums]  # class sums go into the first pass only
-        summing = [0.0]
-
-        def run_pass(collector: CovarianceCollector) -> None:
-            class_sums = pending.pop() if pending else None
-            summing[0] += self._data_pass(engine, tasks, f"stage {stage} covariance", collector, class_sums)
-
-        budget = self.cfg.inflora.covariance_max_bytes_per_rank
-        if budget is None:
-            with self.inflora.collector.capturing():
-                run_pass(self.inflora.collector)
-            return None, time.perf_counter() - start, summing[0]
-        plan = plan_for(self.inflora, budget)
-        if dist.is_main_process():
-            logger.info("covariance plan:\n%s", plan.describe())
-        covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
-        return covs, time.perf_counter() - start, summing[0]
+        return Stage(stage, tasks, engine, partial(self._data_pass, engine, tasks), self.phase_seconds)
 
     def _evaluate(self, engine: Any, upto: int, tasks: range | None = None) -> list[list[float]]:
         """One row per accuracy matrix: the scores (%) of `tasks` (default 0..upto) with tasks 0..upto learned.
@@ -471,10 +335,10 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ training
     def _set_trainable(self, stage: int) -> list[dict[str, Any]]:
-        """Only B_stage of every layer and the stage's heads (if any) train; returns their optimizer groups."""
+        """Only the method's branch tensors and the stage's heads (if any) train; returns their optimizer groups."""
         for p in self.model.parameters():
             p.requires_grad_(False)
-        branches = [layer.lora_B(stage) for layer in self.inflora.report.layers.values()]
+        branches = self.method.trainable_parameters(stage)
         head = [p for t in self.stages[stage] for p in self.workload.task_parameters(t)]
         for p in branches + head:
             p.requires_grad_(True)
@@ -512,7 +376,10 @@ class ContinualTrainer:
                 value = float(loss.detach())
                 bad += not math.isfinite(value)
                 local_loss += value if math.isfinite(value) else 0.0
-                engine.backward(loss * scale)
+                # The method's terms (regularisers) count once per step: DeepSpeed divides by `a` and averages
+                # the ranks, as for the loss of the reference implementations.
+                terms = self.method.loss_terms()
+                engine.backward(loss * scale if terms is None else loss * scale + terms)
                 if i < len(batches) - 1:
                     engine.step()  # accumulation micro-step: no update yet
             current = next(steps, None)
@@ -582,68 +449,24 @@ class ContinualTrainer:
             f"{self.cfg.model.dtype}): lower the lr, set train.grad_clip, or train in fp32."
         )
 
-    def _start_branches(self, engine: Any, stage: int) -> float:
-        """Install the stage's A: designed from its covariance (InfLoRA, joint) or drawn at random (seq-LoRA).
-
-        Returns the covariance-pass seconds. Collective.
-        """
-        if self.cfg.method == "simple_cil":
-            return 0.0  # no branch: the pre-trained backbone as it is
-        if self.cfg.method == "seq_lora":
-            start_random_branches(self.inflora.report, stage, self.cfg.seed)
-            return 0.0
-        covs, seconds, _ = self._covariance_pass(engine, stage)
+    def _after_training(self, stage: Stage) -> dict[str, float]:
+        """Fold the branches (the method) and, for classification, update the class statistics and set the heads
+        from them. Returns {class_statistics_s, alignment_s}. Collective."""
+        classes = self.workload.classes
+        sums = classes.class_sums(stage.tasks) if classes is not None else None
+        timing = {"class_statistics_s": self.method.finish_stage(stage, sums), "alignment_s": 0.0}
+        if classes is None:
+            return timing
         start = time.perf_counter()
-        self.inflora.on_task_start(stage, covs)  # collective
-        self.phase_seconds.update(design_pass_s=seconds, subspace_design_s=time.perf_counter() - start)
-        return seconds
-
-    def _fold_branches(self, engine: Any, stage: int, sums: Any) -> tuple[float, float]:
-        """Grow the memory from a post-training pass (InfLoRA) and fold the stage's branches. Collective.
-
-        The pass also sums the class `sums` (if any); methods without a post-training
-        covariance pass make one pass for the sums alone. Returns (covariance-pass
-        seconds, class-sum seconds).
-        """
-        if self.cfg.method in ("seq_lora", "simple_cil"):
-            start = time.perf_counter()
-            if sums is not None:
-                self._data_pass(engine, self.stages[stage], f"stage {stage} class statistics", None, sums)
-            if self.cfg.method == "seq_lora":
-                finish_branches(self.inflora.report)
-            return 0.0, time.perf_counter() - start
-        covs, seconds, summing = self._covariance_pass(engine, stage, sums)
-        start = time.perf_counter()
-        self.inflora.on_task_end(stage, covs)  # collective; folds B A
-        self.phase_seconds.update(update_pass_s=seconds, subspace_update_s=time.perf_counter() - start)
-        return seconds, summing
-
-    def _after_training(self, engine: Any, stage: int) -> tuple[float, dict[str, float]]:
-        """Fold the branches and, for classification, update the class statistics and align or set the heads.
-
-        Returns (post-pass seconds, {class_statistics_s, alignment_s}). Collective.
-        """
-        cfg, tasks = self.cfg, self.stages[stage]
-        statistics = self.workload.statistics
-        sums = self.workload.class_sums(tasks) if statistics is not None else None
-        seconds, summing = self._fold_branches(engine, stage, sums)
-        timing = {"class_statistics_s": summing, "alignment_s": 0.0}
-        if sums is None:
-            return seconds, timing
-        start = time.perf_counter()
-        self.workload.finish_class_sums(sums)  # collective
+        classes.finish_class_sums(sums)  # collective
         timing["class_statistics_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        if cfg.method == "simple_cil":
-            self.workload.prototype_heads(tasks[-1])  # collective
-        elif cfg.ca.enabled and stage >= 1:
-            logger.info("stage %d: classifier alignment of heads 0..%d", stage, tasks[-1])
-            losses = self.workload.align_heads(tasks[-1], cfg.ca, seed=cfg.seed * 1_000_003 + stage)  # collective
-            if losses:
-                logger.info("alignment losses per epoch: %s", ", ".join(f"{x:.4f}" for x in losses))
-                self.monitor.log({"ca/loss": losses[-1]}, self.progress.global_step)
+        losses = self.method.update_heads(classes, stage.index, stage.tasks)  # collective
+        if losses:
+            logger.info("alignment losses per epoch: %s", ", ".join(f"{x:.4f}" for x in losses))
+            self.monitor.log({"ca/loss": losses[-1]}, self.progress.global_step)
         timing["alignment_s"] = time.perf_counter() - start
-        return seconds, timing
+        return timing
 
     def _run_task(self, stage: int) -> bool:
         cfg = self.cfg
@@ -665,79 +488,51 @@ class ContinualTrainer:
                 if stage == 0 and self.workload.zero_shot and cfg.train.zero_shot_eval:
                     logger.info("zero-shot: every task scored before any training")
                     self.zero_shot = self._evaluate(engine, -1, range(self.num_tasks))[0]  # collective
-                logger.info("stage %d (%s): the branch's A", stage, ", ".join(self.names[t] for t in tasks))
-                seconds = self._start_branches(engine, stage)
+                logger.info("stage %d (%s): the branches", stage, ", ".join(self.names[t] for t in tasks))
+                self.method.start_stage(self._stage(engine, stage))  # collective
                 self.progress = Progress(task=stage, phase="train", global_step=self.progress.global_step)
+                seconds = self.phase_seconds.get("design_pass_s", 0.0)
                 self.monitor.log({"time/covariance_pass_s": seconds}, self.progress.global_step)
             trainable, total = count_parameters(self.model)
             logger.info("stage %d: training %d of %d parameters", stage, trainable, total)
             start = time.perf_counter()
-            if cfg.method != "simple_cil" and not self._fit(engine, stage, loader):
+            if self.method.trains and not self._fit(engine, stage, loader):
                 return False
             train_seconds = time.perf_counter() - start
             training_memory = memory_mb_per_rank()  # collective: the engine's partitioned state is resident now
             logger.info("stage %d: folding the branch", stage)
-            seconds, timing = self._after_training(engine, stage)
+            timing = self._after_training(self._stage(engine, stage))
             rows = self._evaluate(engine, tasks[-1])
             self.timings.append(
                 {"train_s": train_seconds, **self.phase_seconds, **timing, "rss_mb_per_rank": training_memory[0],
                  "peak_rss_mb_per_rank": memory_mb_per_rank()[1]}  # collective; the peak so far, evaluation included
             )  # fmt: skip
-            if cfg.method == "joint":
-                self.joint = dict(zip(self.workload.matrices, rows, strict=True))
-            else:
-                for key, row in zip(self.workload.matrices, rows, strict=True):
-                    self.matrices[key].add_row(row)
+            self.scores.add(rows)
             self.progress = Progress(task=stage + 1, phase="start", global_step=self.progress.global_step)
-            self._report(seconds)
+            self._report()
             self._save(f"task{stage}-done")
         finally:
             destroy_engine(engine)
         return True
 
-    def _report(self, post_pass_seconds: float) -> None:
+    def _report(self) -> None:
+        """metrics.json, the printed scores, plots and W&B after a stage (rank 0)."""
         if not dist.is_main_process():
             return
-        values: dict[str, Any] = {"time/post_covariance_pass_s": post_pass_seconds}
+        values: dict[str, Any] = {"time/post_covariance_pass_s": self.timings[-1].get("update_pass_s", 0.0)}
         values.update({f"time/{k}": v for k, v in self.timings[-1].items()})
-        for g, m in self.inflora.memories.items():
-            values[f"subspace/{g}/dim"] = m.protected_dim
-            values[f"subspace/{g}/retain"] = int(m.mode == "retain")
-        primary, *others = self.workload.matrices
-        if self.cfg.method == "joint":
-            scores = self.joint[primary]
-            avg = sum(scores) / len(scores)
-            summary = {"method": "joint", "avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0,
-                       "ap": avg, "ft": 0.0}  # fmt: skip
-            summary.update({f"joint_{key.removesuffix('_matrix')}": row for key, row in self.joint.items()})
-            summary.update(task_names=self.names, task_metrics=self.task_metrics, zero_shot=self._zero_shot_row())
-            summary.update(timings=self.timings)
-            tmp = self.out / "metrics.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, self.out / "metrics.json")
-            print(
-                "joint training, score per task: "
-                + ", ".join(f"{n} {a:.2f}" for n, a in zip(self.names, scores, strict=True))
-            )
-            print(f"average {avg:.2f}", flush=True)
-            self.monitor.log({**values, "cl/avg_acc": avg}, self.progress.global_step)
-            return
-        main = self.matrices[primary]
+        values.update(self.method.log_values())
         extra: dict[str, Any] = {"method": self.cfg.method, "task_names": self.names, "task_metrics": self.task_metrics}
-        extra.update({key: self.matrices[key] for key in others})
         if self.zero_shot is not None:
             extra["zero_shot"] = self._zero_shot_row()
         extra.update(ca=self.cfg.ca.enabled, timings=self.timings)
-        save_metrics(self.out / "metrics.json", main, extra)
-        images = save_plots(main, self.out, self.names)
-        print(format_table(main, self.names, zero_shot=extra.get("zero_shot")), flush=True)
-        for key in others:
-            m = self.matrices[key]
-            print(f"{key.removesuffix('_matrix').replace('_', ' ')}: average {m.avg_acc:.2f}, BWT {m.bwt:.2f}")
-            values[f"cl/{key.removesuffix('_accuracy_matrix')}_avg_acc"] = m.avg_acc
-        values.update({f"cl/{k}": v for k, v in main.metrics().items()})
+        save_metrics(self.out / "metrics.json", self.scores, extra)
+        print(self.scores.text(self.names, extra.get("zero_shot")), flush=True)
+        values.update(self.scores.log_values())
         self.monitor.log(values, self.progress.global_step)
-        self.monitor.log_matrix(main.rows, self.names, images[0], self.progress.global_step)
+        images = self.scores.plot(self.out, self.names)
+        if images:
+            self.monitor.log_matrix(self.scores.primary_rows(), self.names, images[0], self.progress.global_step)
 
     def _zero_shot_row(self) -> list[float | None] | None:
         """The zero-shot scores, one per task of the sequence (None for tasks an extension added)."""
@@ -769,22 +564,22 @@ class ContinualTrainer:
 
         Collective under ZeRO-3 (B, and for the merged model every parameter, is gathered).
         """
+        classes = self.workload.classes
         if dist.is_main_process():
-            stage_names = ["+".join(self.names[t] for t in tasks) for tasks in self.stages]
-            export_continual_state(self.inflora, self.out / "continual_state.safetensors", stage_names)
-            if self.workload.statistics is not None:
+            self.method.export(self.out, ["+".join(self.names[t] for t in tasks) for tasks in self.stages])
+            if classes is not None:
                 export_class_statistics(
-                    self.workload.statistics, self.out / "class_statistics.safetensors", self.workload.class_ids,
-                    self.workload.offsets, self.names,
+                    classes.statistics, self.out / "class_statistics.safetensors", classes.class_ids,
+                    classes.offsets, self.names,
                 )  # fmt: skip
-        if self.cfg.method != "simple_cil":  # simple_cil trains no branch: there is no adapter
+        if self.method.trains:  # a method that trains no branch has no adapter
             export_peft_adapter(
                 self.model,
-                self.inflora.report,
+                self.method.report,
                 self.out / "peft_adapter",
                 self.cfg.model.pretrained,
                 task_type=self.workload.peft_task_type,
             )
         if self.cfg.export.merged_model:
-            self.workload.export_model(self.inflora.report, self.out / "model", self.cfg.export.max_shard_size)
+            self.workload.export_model(self.method.report, self.out / "model", self.cfg.export.max_shard_size)
         dist.barrier()

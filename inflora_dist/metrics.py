@@ -31,10 +31,13 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 __all__ = [
     "AccuracyMatrix",
+    "JointScores",
+    "MatrixScores",
+    "Scores",
     "average_accuracies",
     "average_accuracy",
     "average_incremental_accuracy",
@@ -247,8 +250,11 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def save_metrics(path: str | os.PathLike[str], matrix: AccuracyMatrix, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``matrix.to_dict(extra)`` as JSON to ``path`` atomically; returns the path.
+def save_metrics(
+    path: str | os.PathLike[str], matrix: AccuracyMatrix | Scores, extra: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``matrix.to_dict(extra)`` (an accuracy matrix, or a run's scores) as JSON to ``path`` atomically;
+    returns the path.
 
     Call it from one process only (rank 0). Parent directories are created.
     """
@@ -378,3 +384,123 @@ def save_plots(
     curve_path = out_dir / "accuracy_curve.png"
     _atomic_write(curve_path, lambda f: fig.savefig(f, format="png", dpi=120))
     return [matrix_path, curve_path]
+
+
+# --------------------------------------------------------------------------- a run's scores
+
+
+class Scores(Protocol):
+    """How a run keeps its evaluation rows (a method chooses: `Method.new_scores`). `keys` name the scores, the
+    first is the primary one; each stage's evaluation gives one row per key."""
+
+    def add(self, rows: Sequence[Sequence[float]]) -> None:
+        """Record a stage's evaluation: one row per key."""
+
+    def state(self) -> dict[str, Any]:
+        """JSON for a checkpoint."""
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state` returned."""
+
+    def to_dict(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """metrics.json's content (`save_metrics`)."""
+
+    def text(self, task_names: Sequence[str], zero_shot: Sequence[float | None] | None) -> str:
+        """What the run prints after each stage."""
+
+    def log_values(self) -> dict[str, float]:
+        """Scalars for the monitor (`cl/...`)."""
+
+    def plot(self, directory: Path, task_names: Sequence[str]) -> list[Path]:
+        """Write the plots; returns their paths, the primary matrix's first (none: empty)."""
+
+    def primary_rows(self) -> list[list[float]]:
+        """The primary score's rows: one per stage."""
+
+
+class MatrixScores:
+    """A task sequence's scores: one AccuracyMatrix per key, grown one row per trained task."""
+
+    def __init__(self, keys: Sequence[str], num_tasks: int) -> None:
+        self.num_tasks = num_tasks
+        self.matrices = {key: AccuracyMatrix(num_tasks=num_tasks) for key in keys}
+
+    @property
+    def primary(self) -> AccuracyMatrix:
+        return next(iter(self.matrices.values()))
+
+    def add(self, rows: Sequence[Sequence[float]]) -> None:
+        for matrix, row in zip(self.matrices.values(), rows, strict=True):
+            matrix.add_row(row)
+
+    def state(self) -> dict[str, Any]:
+        return {"matrices": {key: m.rows for key, m in self.matrices.items()}, "joint": {}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.matrices = {k: AccuracyMatrix(rows, num_tasks=self.num_tasks) for k, rows in state["matrices"].items()}
+
+    def to_dict(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        others = list(self.matrices)[1:]
+        return self.primary.to_dict({**(extra or {}), **{key: self.matrices[key] for key in others}})
+
+    def text(self, task_names: Sequence[str], zero_shot: Sequence[float | None] | None) -> str:
+        lines = [format_table(self.primary, task_names, zero_shot=zero_shot)]
+        for key, m in list(self.matrices.items())[1:]:
+            lines.append(f"{key.removesuffix('_matrix').replace('_', ' ')}: average {m.avg_acc:.2f}, BWT {m.bwt:.2f}")
+        return "\n".join(lines)
+
+    def log_values(self) -> dict[str, float]:
+        values = {f"cl/{k}": v for k, v in self.primary.metrics().items()}
+        for key, m in list(self.matrices.items())[1:]:
+            values[f"cl/{key.removesuffix('_accuracy_matrix')}_avg_acc"] = m.avg_acc
+        return values
+
+    def plot(self, directory: Path, task_names: Sequence[str]) -> list[Path]:
+        return save_plots(self.primary, directory, task_names)
+
+    def primary_rows(self) -> list[list[float]]:
+        return self.primary.rows
+
+
+class JointScores:
+    """The scores of every task trained at once (method joint): one row per key and no sequence, so backward
+    transfer and forgetting are 0 and every average is the row's mean. Stored as `joint_<key>` rows."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+        self.rows: dict[str, list[float]] = {}
+
+    def add(self, rows: Sequence[Sequence[float]]) -> None:
+        self.rows = {key: list(row) for key, row in zip(self.keys, rows, strict=True)}
+
+    def state(self) -> dict[str, Any]:
+        return {"matrices": {}, "joint": self.rows}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.rows = dict(state["joint"])
+
+    def _average(self) -> float:
+        scores = self.rows[self.keys[0]]
+        return sum(scores) / len(scores)
+
+    def to_dict(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        avg = self._average()
+        out: dict[str, Any] = {"avg_acc": avg, "avg_incremental_acc": avg, "bwt": 0.0, "forgetting": 0.0, "ap": avg,
+                               "ft": 0.0}  # fmt: skip
+        out.update({f"joint_{key.removesuffix('_matrix')}": row for key, row in self.rows.items()})
+        out.update(extra or {})
+        return out
+
+    def text(self, task_names: Sequence[str], zero_shot: Sequence[float | None] | None) -> str:
+        scores = self.rows[self.keys[0]]
+        per_task = ", ".join(f"{n} {a:.2f}" for n, a in zip(task_names, scores, strict=True))
+        return f"joint training, score per task: {per_task}\naverage {self._average():.2f}"
+
+    def log_values(self) -> dict[str, float]:
+        return {"cl/avg_acc": self._average()}
+
+    def plot(self, directory: Path, task_names: Sequence[str]) -> list[Path]:
+        return []
+
+    def primary_rows(self) -> list[list[float]]:
+        return [self.rows[self.keys[0]]] if self.rows else []

@@ -1,4 +1,4 @@
-"""Monitoring: W&B on rank 0 only (imported lazily), nothing on other ranks.
+"""Monitoring: W&B on rank 0 only (imported lazily), nothing on other ranks; each rank's host memory.
 
 `WANDB_MODE=offline` (or `wandb.mode: offline`, the default) needs no network;
 the run directory lands under `<output_dir>/wandb`. A resumed run passes its
@@ -8,13 +8,32 @@ saved run id so it continues the same W&B run.
 from __future__ import annotations
 
 import logging
+import os
+import resource
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from inflora_dist import dist
 from inflora_dist.config import WandbConfig
 
 logger = logging.getLogger(__name__)
+
+
+def memory_mb_per_rank() -> tuple[list[float], list[float]]:
+    """(resident MB now, peak resident MB so far) of every rank's process, by rank. Collective (one all-gather).
+
+    Host memory (Linux /proc and getrusage): what a CPU run holds; on GPUs see
+    torch.cuda.max_memory_allocated.
+    """
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        resident = 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    table = dist.all_gather(torch.tensor([resident, peak], dtype=torch.float64, device=dist.collective_device()))
+    return table[:, 0].tolist(), table[:, 1].tolist()
 
 
 class Monitor:

@@ -115,11 +115,6 @@ class CovariancePlan:
         """The largest peak of any rank in any pass."""
         return max(self.peak_bytes_per_rank)
 
-    @property
-    def pass_of(self) -> dict[str, int]:
-        """The pass each group is collected in."""
-        return {g: p for p, groups in enumerate(self.passes) for g in groups}
-
     def kept_by(self, rank: int, groups: list[str] | None = None) -> list[str]:
         """The groups (of `groups`, default all) whose reduced covariance `rank` holds after their pass."""
         groups = sorted(self.dims) if groups is None else groups

@@ -196,12 +196,6 @@ class SubspaceMemory:
             return complement_basis(self.basis)
         return self.basis.clone()
 
-    def free_basis(self) -> torch.Tensor:
-        """(dim, dim - k) orthonormal float64 basis of the free space (the identity before any task)."""
-        if self.mode == RETAIN:
-            return self.basis.clone()
-        return complement_basis(self.basis)
-
     def _projected_svd(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Left singular vectors (d, f) and values of the projected covariance F F^T C.
 

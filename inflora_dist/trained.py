@@ -3,32 +3,29 @@
     <run>/config.yaml                        the resolved config the run wrote
     <run>/checkpoints/NNNNNN-taskT-done/     its newest task-boundary checkpoint that verifies (or one named)
 
-The model is built as the run built it (pre-trained weights from their local
-directory, InfLoRA layers with the run's task slots, one head per task of the
-run), then the checkpoint's adapters, heads and class statistics are loaded
-and the merged branches added back: the model of the run after its last
-finished task. Only safetensors, JSON and YAML are read; nothing is
-unpickled (the checkpoint's DeepSpeed engine files, mid-task only, are not
-touched).
+The model is assembled as the run assembled it (methods.assemble: pre-trained
+weights from their local directory, the method's branch layers with the run's
+stage slots, one head per task of the run), then the checkpoint's state is
+loaded (methods.restore: adapters, heads, class statistics, the merged
+branches added back): the model of the run after its last finished stage.
+Only safetensors, JSON and YAML are read; nothing is unpickled (the
+checkpoint's DeepSpeed engine files, mid-task only, are not touched).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-
-from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, class_statistics_state, restore_model_state
+from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, read_meta, read_state
 from inflora_dist.config import LANGUAGE_MODEL_KINDS, RunConfig, load_run_config
 from inflora_dist.data.spec import InstructionSpec, TaskSequenceConfig, TaskSpec
 from inflora_dist.engine import build_inference_engine, init_distributed
-from inflora_dist.inject import inject_inflora
-from inflora_dist.workloads import Workload, build_workload
+from inflora_dist.methods import assemble, restore
+from inflora_dist.workloads import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -106,29 +103,22 @@ class TrainedRun:
         else:
             self.checkpoint = Path(checkpoint)
             Checkpointer.verify_once_per_node(self.checkpoint)  # collective
-        self.meta = json.loads((self.checkpoint / "state.json").read_text())
+        self.meta = read_meta(self.checkpoint)
         if self.meta["progress"]["phase"] != "start":
             raise ValueError(f"{self.checkpoint} was written mid-task: use a task-boundary checkpoint (*-done)")
         self.records: list[dict[str, Any]] = self.meta["task_sequence"]
         self.sequence = _run_sequence(self.records, self.cfg.model.kind)
-        stages = 1 if self.cfg.method == "joint" else len(self.records)
-        finished = self.meta["progress"]["task"]  # stages finished
-        #: the tasks the model has learned, in order (all of them for joint)
-        self.learned = [r["name"] for r in self.records] if self.cfg.method == "joint" else [
-            r["name"] for r in self.records[:finished]
-        ]  # fmt: skip
         language = self.cfg.model.kind in LANGUAGE_MODEL_KINDS
         seq = workload_sequence if workload_sequence is not None and language else None
-        self.workload: Workload = build_workload(self.cfg, seq or self.sequence, self.device)
-        report = inject_inflora(
-            self.workload.model, self.cfg.inflora.targets, self.cfg.inflora.rank, stages,
-            fold=self.cfg.inflora.fold, layers_to_transform=self.cfg.inflora.layers_to_transform,
-        )  # fmt: skip
-        tensors = load_file(str(self.checkpoint / "state.safetensors"))
-        restore_model_state(self.workload.model, report.layers.values(), tensors, self.checkpoint)
-        if self.workload.statistics is not None:
-            self.workload.load_statistics(class_statistics_state(tensors))
-        self.report = report
+        self.workload: Workload
+        self.workload, self.method = assemble(self.cfg, seq or self.sequence, self.device, len(self.records))
+        finished = self.meta["progress"]["task"]  # stages finished
+        #: the tasks the model has learned, in order (all of them when the method trains them in one stage)
+        self.learned = [self.records[t]["name"] for tasks in self.method.stages(len(self.records))[:finished]
+                        for t in tasks]  # fmt: skip
+        tensors, meta = read_state(self.checkpoint)
+        restore(self.workload, self.method, tensors, meta, self.checkpoint)
+        self.report = self.method.report
         self.engine = build_inference_engine(self.workload.model, self.cfg)  # collective
         logger.info("%s: %d learned tasks (%s) from %s", self.run, len(self.learned), ", ".join(self.learned),
                     self.checkpoint.name)  # fmt: skip

@@ -13,7 +13,8 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
                               `inflora.covariance_max_tokens` counts
     mask_sides(groups)        which of token_mask's masks each input group follows (encoder-decoder models
                               have two; None: one mask for all)
-    statistics                the seen classes' statistics (classification; None for instruction tuning)
+    classes                   the class-incremental side (ClassIncremental: class statistics, class sums, head
+                              alignment and prototypes; the classification workload itself), or None
     score(engine, raw, t)     summed evaluation scores of task t's reader batch (all-reduced by the loop)
     matrices / finish(sums)   the accuracy matrices the scores fill (the first is the primary one)
     zero_shot                 whether a score before any training means something (the zero-shot row)
@@ -34,7 +35,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ class ImageClassification:
         # shard DeepSpeed already keeps on the device.
         self.model: nn.Module = ContinualClassifier(backbone, sizes, cfg.model).to(device)
         form = cfg.ca.covariance if cfg.ca.enabled else "none"  # covariances only where alignment samples them
-        self.statistics: ClassStatistics | None = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
+        self.statistics = ClassStatistics(self.model.hidden, form, cfg.ca.covariance_reg)
         self.bucket_bytes = cfg.inflora.reduce_bucket_bytes  # the class sums reduce like the covariances
         self.task_names = [t.name for t in seq.tasks]
         self.class_names = [n for t in seq.tasks for n in (t.class_names or [None] * len(t.classes or []))]
@@ -122,6 +123,10 @@ class ImageClassification:
                            "mean": list(cfg.model.mean), "std": list(cfg.model.std)}  # fmt: skip
         self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
         self.tokens_per_image = image_tokens(self.model.backbone.config, cfg.model.image_size)
+
+    @property
+    def classes(self) -> ImageClassification:
+        return self  # it keeps the class statistics and the heads itself
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         return list(self.model.heads[task].parameters())
@@ -186,7 +191,6 @@ class ImageClassification:
     def class_sums(self, tasks: Sequence[int]) -> ClassSums:
         """Empty per-class sums for the classes of the stage's `tasks` (contiguous logit positions)."""
         lo, hi = self.offsets[tasks[0]], self.offsets[tasks[-1] + 1]
-        assert self.statistics is not None
         return ClassSums(lo, self.class_ids[lo:hi], self.model.hidden, self.statistics.form, dist.collective_device())
 
     def add_features(self, sums: ClassSums, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
@@ -195,12 +199,10 @@ class ImageClassification:
     def finish_class_sums(self, sums: ClassSums) -> None:
         """Reduce the stage's sums over the ranks and append its classes to the statistics. Collective."""
         sums.all_reduce_(self.bucket_bytes)  # collective
-        assert self.statistics is not None
         self.statistics.extend(sums)
         self._statistics_changed()
 
     def _statistics_changed(self) -> None:
-        assert self.statistics is not None
         self.prototypes = self.statistics.means.to(self.device)
         if dist.is_main_process():
             s = self.statistics
@@ -211,7 +213,6 @@ class ImageClassification:
 
     def load_statistics(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the class statistics of a checkpoint (`statistics.state_dict()` tensors)."""
-        assert self.statistics is not None
         self.statistics.load_state_dict(state)
         self._statistics_changed()
 
@@ -225,7 +226,6 @@ class ImageClassification:
         losses: list[float] = []
         with dist.written_by(params, src=0):  # collective
             if dist.is_main_process():
-                assert self.statistics is not None
                 copies = [TaskHead.copy_of(head) for head in heads]
                 generator = torch.Generator().manual_seed(seed)
                 losses = align_classifier(copies, self.statistics, self.offsets, task, recipe, generator)
@@ -241,7 +241,6 @@ class ImageClassification:
 
     def prototype_heads(self, upto: int) -> None:
         """Set heads 0..upto to the prototype classifier: weight = unit class mean, bias 0 (SimpleCIL). Collective."""
-        assert self.statistics is not None
         heads = list(self.model.heads[: upto + 1])
         with dist.written_by([p for head in heads for p in head.parameters()], src=0), torch.no_grad():
             for t, head in enumerate(heads):
@@ -257,7 +256,7 @@ class InstructionTuning:
     matrices = ("accuracy_matrix",)
     peft_task_type: str | None = "CAUSAL_LM"
     zero_shot = True  # the pre-trained model answers every task before any training
-    statistics: ClassStatistics | None = None  # no classes: no class statistics
+    classes: ClassIncremental | None = None  # no classes: no class statistics, no heads
 
     auto_class: type = AutoModelForCausalLM
     mask_sides = staticmethod(ImageClassification.mask_sides)  # one mask for every group
@@ -431,7 +430,77 @@ def _reads_encoder(module: str) -> bool:
     return module.startswith("encoder.") or module.endswith((".EncDecAttention.k", ".EncDecAttention.v"))
 
 
-Workload = ImageClassification | InstructionTuning
+class ClassIncremental(Protocol):
+    """The class-incremental side of a classification workload: statistics of every seen class (class_stats.py),
+    filled from a pass over each stage's data, and the heads set from them (alignment, prototypes)."""
+
+    statistics: ClassStatistics
+    class_ids: list[int]
+    offsets: list[int]  # task j's classes are the logit positions [offsets[j], offsets[j + 1])
+
+    def class_sums(self, tasks: Sequence[int]) -> ClassSums:
+        """Empty per-class sums for the classes of the stage's `tasks`."""
+
+    def add_features(self, sums: ClassSums, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Add a batch's features (`Workload.forward`'s output) to `sums`."""
+
+    def finish_class_sums(self, sums: ClassSums) -> None:
+        """Reduce the sums over the ranks and append their classes to the statistics. Collective."""
+
+    def load_statistics(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the statistics of a checkpoint."""
+
+    def align_heads(self, task: int, recipe: CAConfig, seed: int) -> list[float]:
+        """Classifier alignment of heads 0..task from the statistics; the epochs' losses. Collective."""
+
+    def prototype_heads(self, upto: int) -> None:
+        """Heads 0..upto become the prototype classifier (the unit class means). Collective."""
+
+
+class Workload(Protocol):
+    """What the task loop trains and scores (see the module docstring)."""
+
+    model: nn.Module
+    matrices: tuple[str, ...]
+    peft_task_type: str | None
+    zero_shot: bool
+
+    @property
+    def classes(self) -> ClassIncremental | None:
+        """The class-incremental side, or None (instruction tuning)."""
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        """Trainable parameters of task `task` besides its branches (classifier heads)."""
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A reader batch -> tensors on the device."""
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What a step's loss is averaged over: real rows (images) or response tokens (text)."""
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], tasks: Sequence[int]) -> torch.Tensor:
+        """The summed loss of a micro-batch of the stage's `tasks`."""
+
+    def token_mask(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The covariance passes' token weights (a tensor, or one per side: `mask_sides`)."""
+
+    def row_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tokens each row gives a covariance pass (0 for padding rows)."""
+
+    def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> torch.Tensor | None:
+        """One no-grad forward for the data passes; the class statistics' features (classification) or None."""
+
+    def mask_sides(self, groups: dict[str, list[str]]) -> dict[str, str] | None:
+        """Which of `token_mask`'s masks each input group follows (None: one mask for every group)."""
+
+    def score(self, engine: Any, raw: dict[str, Any], task: int, upto: int) -> torch.Tensor:
+        """Summed evaluation scores of task `task`'s reader batch, then the rows (float64)."""
+
+    def finish(self, sums: torch.Tensor) -> list[float]:
+        """The scores (%) from the all-reduced sums, one per matrix."""
+
+    def export_model(self, report: InjectionReport, directory: Path, max_shard_size: str) -> None:
+        """The merged model (and what serving it needs) in `directory`. Collective under ZeRO-3."""
 
 
 def score_task(workload: Workload, engine: Any, loader: Iterable[dict[str, Any]], task: int, upto: int,

@@ -475,6 +475,15 @@ def _image_folders(args: argparse.Namespace) -> dict[str, Any]:
             "class_names": train.classes}  # fmt: skip
 
 
+def build_from_config(build: Mapping[str, Any], out: Path) -> TaskSequenceConfig:
+    """Build a run's `data.build` into `out`: its `source` (default fashion-mnist) is the command, every other
+    key an option (`per_class: 40` -> `--per-class 40`), as on the command line."""
+    args = [build.get("source", "fashion-mnist"), "--out", str(out), "--quiet"]
+    args += [a for k, v in build.items() if k != "source" for a in (f"--{k.replace('_', '-')}", str(v))]
+    logger.info("building the task sequence: build_shards %s", " ".join(args))
+    return main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
     """Entry point of `python -m inflora_dist.data.build_shards`."""
     args = _parser().parse_args(argv)

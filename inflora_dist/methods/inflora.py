@@ -1,0 +1,150 @@
+"""InfLoRA (Liang & Li, CVPR 2024) as a method: A_t designed from the task's data outside the old tasks'
+subspace, only B_t trained, the subspace grown by DualGPM after the task (continual.py, subspace.py).
+
+    start_stage   covariance pass over the stage's data  -> A_t per input group
+    finish_stage  covariance pass with the branch active -> DualGPM update, fold B_t A_t
+                  (the same pass sums the class statistics, for classification)
+
+`Joint` is the upper bound in the same branches: every task's data in one stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inflora_dist import dist
+from inflora_dist.checkpoint import MEMORY_PREFIX
+from inflora_dist.config import RunConfig
+from inflora_dist.continual import InfLoRA
+from inflora_dist.covariance import CovarianceCollector
+from inflora_dist.export import export_continual_state
+from inflora_dist.inject import InjectionReport
+from inflora_dist.methods.base import Method, Stage
+from inflora_dist.metrics import JointScores, Scores
+from inflora_dist.planner import collect_in_passes, plan_for
+from inflora_dist.workloads import Workload
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+
+
+class InfLoRAMethod(Method):
+    """InfLoRA: designed, frozen A_t; trained B_t; DualGPM memories per input group (checkpointed, exported)."""
+
+    def __init__(self, cfg: RunConfig, report: InjectionReport, workload: Workload) -> None:
+        super().__init__(cfg, report, workload)
+        c = cfg.inflora
+        self.inflora = InfLoRA(
+            report, c.lambda_begin, c.lambda_end, reduce=c.reduce, accumulation_dtype=_DTYPES[c.accumulation_dtype],
+            gemm_dtype=_DTYPES[c.covariance_gemm_dtype], bucket_bytes=c.reduce_bucket_bytes,
+            planned_tasks=c.planned_tasks, mask_sides=workload.mask_sides(report.groups),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ stages
+    def start_stage(self, stage: Stage) -> None:
+        covs, seconds, _ = self._covariance_pass(stage)
+        start = time.perf_counter()
+        self.inflora.on_task_start(stage.index, covs)  # collective
+        stage.timings.update(design_pass_s=seconds, subspace_design_s=time.perf_counter() - start)
+
+    def finish_stage(self, stage: Stage, sums: Any) -> float:
+        covs, seconds, summing = self._covariance_pass(stage, sums)
+        start = time.perf_counter()
+        self.inflora.on_task_end(stage.index, covs)  # collective; folds B A
+        stage.timings.update(update_pass_s=seconds, subspace_update_s=time.perf_counter() - start)
+        return summing
+
+    def _covariance_pass(self, stage: Stage, sums: Any = None) -> tuple[dict[str, torch.Tensor] | None, float, float]:
+        """Collect x x^T of the stage's training data (exact mode); returns (reduced covariances, seconds,
+        seconds of class sums).
+
+        With `sums`, the same forwards also sum the class statistics' features
+        (once, even when the pass is split). Without
+        `inflora.covariance_max_bytes_per_rank` one pass fills the InfLoRA
+        collector (covariances None: the hooks reduce them). With it, the input
+        groups are split into several passes over the data that fit the budget
+        (planner.py), and this rank's reduced covariances are returned. Collective.
+        """
+        start = time.perf_counter()
+        stage.engine.eval()
+        pending = [sums]  # class sums go into the first pass only
+        summing = [0.0]
+        max_tokens = self.cfg.inflora.covariance_max_tokens
+
+        def run_pass(collector: CovarianceCollector) -> None:
+            class_sums = pending.pop() if pending else None
+            summing[0] += stage.data_pass(f"stage {stage.index} covariance", collector, class_sums, max_tokens)
+
+        budget = self.cfg.inflora.covariance_max_bytes_per_rank
+        if budget is None:
+            with self.inflora.collector.capturing():
+                run_pass(self.inflora.collector)
+            return None, time.perf_counter() - start, summing[0]
+        plan = plan_for(self.inflora, budget)
+        if dist.is_main_process():
+            logger.info("covariance plan:\n%s", plan.describe())
+        covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
+        return covs, time.perf_counter() - start, summing[0]
+
+    # ------------------------------------------------------------------ state
+    @property
+    def horizon(self) -> int:
+        """DualGPM's threshold horizon T in use (the same in every group's memory)."""
+        return next(iter(self.inflora.memories.values())).num_tasks
+
+    @staticmethod
+    def saved_horizon(meta: dict[str, Any]) -> int:
+        """The horizon of a checkpoint's run; before it was recorded: the explicit key, else the run's length."""
+        return meta.get("planned_tasks") or meta["config"]["inflora"].get("planned_tasks") or len(meta["task_sequence"])
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{MEMORY_PREFIX}{g}": m.basis for g, m in self.inflora.memories.items()}
+        meta = {"planned_tasks": self.horizon, "memory_modes": {g: m.mode for g, m in self.inflora.memories.items()}}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if self.cfg.inflora.planned_tasks is None and "config" in meta:
+            for memory in self.inflora.memories.values():  # the run's horizon holds for the tasks it gains
+                memory.num_tasks = self.saved_horizon(meta)
+        for g, memory in self.inflora.memories.items():
+            memory.load_state_dict(
+                {**memory.state_dict(), "mode": meta["memory_modes"][g], "basis": tensors[f"{MEMORY_PREFIX}{g}"]}
+            )
+
+    def resume_problems(self, meta: dict[str, Any]) -> list[str]:
+        planned, horizon = self.cfg.inflora.planned_tasks, self.saved_horizon(meta)
+        if planned is not None and planned != horizon:
+            return [f"inflora.planned_tasks: the run's threshold horizon is {horizon} -> {planned}"]
+        return []
+
+    def export(self, out: Path, stage_names: Sequence[str]) -> None:
+        export_continual_state(self.inflora, out / "continual_state.safetensors", stage_names)
+
+    def log_values(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for g, m in self.inflora.memories.items():
+            values[f"subspace/{g}/dim"] = m.protected_dim
+            values[f"subspace/{g}/retain"] = int(m.mode == "retain")
+        return values
+
+    def describe(self) -> str:
+        return f"DualGPM horizon T={self.horizon}"
+
+
+class Joint(InfLoRAMethod):
+    """All tasks in one stage, every batch mixing them (the upper bound): InfLoRA's branch on the union."""
+
+    @staticmethod
+    def stages(num_tasks: int) -> list[list[int]]:
+        return [list(range(num_tasks))]
+
+    @staticmethod
+    def new_scores(keys: Sequence[str], num_tasks: int) -> Scores:
+        return JointScores(keys)
