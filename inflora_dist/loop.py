@@ -3,6 +3,7 @@
 For each stage of the sequence (one task, or all of them for a joint method):
 
     every rank fingerprints config, task data, versions and frozen weights -> stop on any mismatch
+    method.prepare_stage: branches that need no data   (a trained A's initial value: O-LoRA)
     build the stage's engine (trainable: the method's branch tensors, and the stage's heads)
     method.start_stage: install the branches     (InfLoRA: a covariance pass over the data -> A_t)
     train for `train.epochs` epochs, the method's loss terms added   (step checkpoints, pre-emption)
@@ -476,6 +477,8 @@ class ContinualTrainer:
         check_ranks_agree(self._agreement_items(stage), f"before stage {stage} ({names})")  # collective
         # Seconds of the stage's passes (with their reductions) and of the subspace math, for the timings.
         self.phase_seconds: dict[str, float] = {}
+        if not resuming:
+            self.method.prepare_stage(stage)  # before the engine: its optimizer copies what trains from here
         groups = self._set_trainable(stage)
         loader = self._loader(tasks, "train", "train", self.micro, self.accumulation)
         total_steps = cfg.train.epochs * len(loader) // self.accumulation

@@ -5,6 +5,7 @@ at each point where methods differ:
 
     stages(num_tasks)        which tasks train together: one per stage, or all at once (joint)
     layer_options(cfg)       how the branch layers are built (a trainable A, a scaling)
+    prepare_stage(s)         before the stage's engine exists: install what needs no data (a trained A's start)
     start_stage(stage)       before training: design or draw the stage's branches (may read the data)
     trainable_parameters(s)  the branch tensors that train in stage s (the workload adds its heads)
     loss_terms()             terms added to each micro-batch's loss after its forward (regularisers)
@@ -78,6 +79,11 @@ class Method:
         return {}
 
     # ------------------------------------------------------------------ stages
+    def prepare_stage(self, stage: int) -> None:
+        """Before `stage`'s engine is built (not on a mid-task resume). Optimizers with master weights (ZeRO 1-3,
+        mixed precision) copy the trainable tensors when the engine is built: a trained tensor's initial value
+        must be set here, not in `start_stage`. Collective."""
+
     def start_stage(self, stage: Stage) -> None:
         """Install the stage's branches before training. Collective."""
 
