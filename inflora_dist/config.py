@@ -111,6 +111,17 @@ class InfLoRAConfig:
 
 
 @dataclass
+class OLoRAConfig:
+    """O-LoRA's loss weights and branch scale (method=olora; the defaults are its scripts'): lambda_1 weighs the
+    orthogonality of the new A to the old ones, lambda_2 the L2 norm of the new branch; the branches are
+    scaled by lora_alpha / inflora.rank (its ranks and targets are inflora.rank and inflora.targets)."""
+
+    lambda_1: float = 0.5
+    lambda_2: float = 0.0
+    lora_alpha: float = 32.0
+
+
+@dataclass
 class TrainConfig:
     """Optimisation of each task (Adam and a per-task cosine schedule, as in the reference)."""
 
@@ -222,6 +233,7 @@ class RunConfig:
     resume: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     inflora: InfLoRAConfig = field(default_factory=InfLoRAConfig)
+    olora: OLoRAConfig = field(default_factory=OLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ca: CAConfig = field(default_factory=CAConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
@@ -232,7 +244,7 @@ class RunConfig:
 
 
 #: The continual-learning methods (methods.METHODS holds their classes).
-METHOD_NAMES = ("inflora", "seq_lora", "joint", "simple_cil")
+METHOD_NAMES = ("inflora", "seq_lora", "joint", "simple_cil", "olora")
 
 _CHOICES = {
     "method": METHOD_NAMES,
@@ -272,10 +284,13 @@ def validate_run_config(cfg: RunConfig) -> None:
     for key in ("inflora.lambda_begin", "inflora.lambda_end"):
         if not 0.0 < _get(cfg, key) <= 1.0:
             raise ValueError(f"{key} must be in (0, 1], got {_get(cfg, key)!r}")
-    for key in ("train.lr", "train.weight_decay", "train.grad_clip", "train.momentum", "ca.lr", "ca.momentum",
+    for key in ("olora.lambda_1", "olora.lambda_2", "train.lr", "train.weight_decay", "train.grad_clip",
+                "train.momentum", "ca.lr", "ca.momentum",
                 "ca.weight_decay", "ca.covariance_reg"):  # fmt: skip
         if _get(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
+    if cfg.olora.lora_alpha <= 0:
+        raise ValueError(f"olora.lora_alpha must be > 0, got {cfg.olora.lora_alpha!r}")
     if cfg.ca.logit_norm is not None and cfg.ca.logit_norm <= 0:
         raise ValueError(f"ca.logit_norm (a temperature) must be > 0 or null, got {cfg.ca.logit_norm!r}")
     if not 0.0 <= cfg.ca.mean_decay < 1.0:
@@ -340,7 +355,7 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
 #: What a resume must keep: these change the shapes or the meaning of a run's saved state (a prefix covers
 #: its whole section). Everything else may change on resume (lr and epochs of later tasks, logging, W&B,
 #: checkpoint cadence, evaluation batch, DeepSpeed settings and the world size at a task boundary).
-#: (inflora.planned_tasks is checked by the method against the run's effective horizon.)
+#: (A method checks its own: Method.resume_problems, e.g. inflora.planned_tasks against the run's horizon.)
 RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
                      "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.")  # fmt: skip
 #: model keys that only change how evaluation generates, not the state.

@@ -43,17 +43,20 @@ def broadcast_memory_(memory: SubspaceMemory, src: int) -> None:
     memory.basis = basis.cpu()
 
 
+def random_down_projection(rank: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """A (rank, d) drawn like LoRA's A: kaiming-uniform with a = sqrt(5), i.e. uniform in +-1/sqrt(d); float64."""
+    return (torch.rand(rank, d, generator=generator, dtype=torch.float64) * 2 - 1) / d**0.5
+
+
 def start_random_branches(report: InjectionReport, task_id: int, seed: int) -> None:
-    """The seq-LoRA control: A_t drawn like LoRA's A (kaiming-uniform, bound 1/sqrt(d_in)), not designed.
+    """The seq-LoRA control: A_t drawn like LoRA's A (`random_down_projection`), not designed.
 
     Seeded by (seed, task, group), so every rank draws the same A. Nothing is
     protected: the branch may move weights in directions old tasks use.
     """
     for i, (g, names) in enumerate(report.groups.items()):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + task_id * 1009 + i)
-        d = report.dims[g]
-        first = report.layers[names[0]]
-        a = (torch.rand(first.rank, d, generator=gen, dtype=torch.float64) * 2 - 1) / d**0.5
+        a = random_down_projection(report.layers[names[0]].rank, report.dims[g], gen)
         for layer in report.group_modules(g):
             layer.start_task(task_id, a)
 

@@ -9,9 +9,10 @@ Five exports:
 * `export_peft_adapter` writes the accumulated adapter, sum_t B_t A_t over every
   started task, as a plain PEFT LoRA adapter: per wrapped layer the tasks' factors
   are concatenated, lora_A = [A_0; ...; A_t] (r n, d_in) and
-  lora_B = [B_0, ..., B_t] (d_out, r n), so that lora_B @ lora_A = sum_t B_t A_t,
-  with scaling lora_alpha / r = 1. `peft.PeftModel.from_pretrained(base, directory)`
-  on the *original* pre-trained model then computes what the InfLoRA model does.
+  lora_B = [B_0, ..., B_t] (d_out, r n), so that lora_B @ lora_A = sum_t B_t A_t
+  (times the layer's scaling, folded into lora_B), with PEFT's scaling lora_alpha / r = 1.
+  `peft.PeftModel.from_pretrained(base, directory)` on the *original* pre-trained
+  model then computes what the InfLoRA model does.
 
 * `export_class_statistics` writes the seen classes' means and covariances
   (classification runs), the state of prototype prediction and classifier alignment.
@@ -185,8 +186,15 @@ def stacked_factors(layer: InfLoRALinear) -> tuple[torch.Tensor, torch.Tensor] |
         return None
     bs = [layer.lora_B(t) for t in tasks]
     with dist.gathered_params(bs):
-        b_cat = torch.cat([_tensor_out(b) for b in bs], dim=1)
+        # The layer's scaling goes into B, so that PEFT's own scaling stays 1.
+        b_cat = torch.cat([_tensor_out(b) * layer.scaling if layer.scaling != 1.0 else _tensor_out(b) for b in bs],
+                          dim=1)  # fmt: skip
     a_cat = _tensor_out(layer.lora_A[tasks].reshape(len(tasks) * layer.rank, layer.in_features))
+    training = layer.active_task
+    if layer.train_A and training is not None:  # the training A is the parameter, not yet the buffer
+        with dist.gathered_params([layer.lora_A_active]):
+            row = tasks.index(training) * layer.rank
+            a_cat[row : row + layer.rank] = _tensor_out(layer.lora_A_active, a_cat.dtype)
     return a_cat, b_cat
 
 

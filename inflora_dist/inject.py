@@ -97,11 +97,15 @@ def inject_inflora(
     shared_inputs: Sequence[Sequence[str]] = DEFAULT_SHARED_INPUTS,
     adapter_dtype: torch.dtype = torch.float32,
     layers_to_transform: Sequence[int] | None = None,
+    train_A: bool = False,
+    scaling: float = 1.0,
 ) -> InjectionReport:
     """Wrap every module matching `targets` in an InfLoRALinear and freeze all other weights.
 
     `layers_to_transform` keeps only matches inside those block numbers (PEFT's
     option: adapters on the top blocks only shorten the backward pass).
+    `train_A` and `scaling` are the layers' options (layer.py: a trainable A per
+    task, O-LoRA's; a scale on every branch).
     Parameters whose names match `trainable` (e.g. a classifier head) stay
     trainable. Raises ValueError naming the patterns when nothing matches, and
     TypeError naming the module when a match is not a linear layer.
@@ -129,7 +133,10 @@ def inject_inflora(
     report = InjectionReport()
     target_set = set(found)
     for name in found:
-        layer = InfLoRALinear(model.get_submodule(name), rank, num_tasks, fold=fold, adapter_dtype=adapter_dtype)
+        layer = InfLoRALinear(
+            model.get_submodule(name), rank, num_tasks, fold=fold, adapter_dtype=adapter_dtype, train_A=train_A,
+            scaling=scaling,
+        )  # fmt: skip
         _set_submodule(model, name, layer)
         report.layers[name] = layer
         group = _group_name(name, shared_inputs, target_set)

@@ -20,6 +20,14 @@ Finishing a task freezes B_t and folds the branch, by `fold`:
     low-rank product. Exact in any base dtype, but the cost grows with r * t.
 Factors are kept in both modes, so a merged branch can be unmerged and the
 whole adapter exported.
+
+Two options serve methods whose A trains too (O-LoRA): with `train_A`, the
+active task's A is the parameter `lora_A_active` (r, d_in), installed from the
+given initial value and copied into `lora_A[t]` when the task finishes, and the
+forward records the active factors as it used them (`active_factors`, for loss
+terms on them: under ZeRO-3 the parameters are gathered only inside the
+forward). `scaling` multiplies every branch (PEFT's lora_alpha / r; 1 for
+InfLoRA, whose A carries its own scale).
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ class InfLoRALinear(nn.Module):
         num_tasks: int,
         fold: str = "merge",
         adapter_dtype: torch.dtype = torch.float32,
+        train_A: bool = False,
+        scaling: float = 1.0,
     ) -> None:
         super().__init__()
         if not supported_base(base_layer):
@@ -69,6 +79,7 @@ class InfLoRALinear(nn.Module):
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
         self.base_layer = base_layer
         self.rank, self.num_tasks, self.fold = rank, num_tasks, fold
+        self.train_A, self.scaling = train_A, float(scaling)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         device = weight.device
@@ -79,6 +90,11 @@ class InfLoRALinear(nn.Module):
         for t in range(num_tasks):
             b = torch.zeros(self.out_features, rank, dtype=adapter_dtype, device=device)
             self.register_parameter(f"lora_B_{t}", nn.Parameter(b, requires_grad=False))
+        if train_A:
+            a = torch.zeros(rank, self.in_features, dtype=adapter_dtype, device=device)
+            self.lora_A_active = nn.Parameter(a, requires_grad=False)
+        #: (A, B) of the active task as the last training forward used them (train_A only), graph attached.
+        self.active_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("task_status", torch.zeros(num_tasks, dtype=torch.int8, device=device))
         self._status = [UNUSED] * num_tasks  # host mirror: no device sync in forward
 
@@ -122,6 +138,8 @@ class InfLoRALinear(nn.Module):
         self._status = [int(s) for s in self.task_status.tolist()]
         for t in range(self.num_tasks):
             self.lora_B(t).requires_grad_(self._status[t] == TRAINING)
+        if self.train_A:
+            self.lora_A_active.requires_grad_(self.active_task is not None)
 
     # ------------------------------------------------------------------ tasks
     def start_task(self, task_id: int, lora_A: torch.Tensor) -> None:
@@ -138,7 +156,12 @@ class InfLoRALinear(nn.Module):
             self.lora_A[task_id].copy_(lora_A.to(self.lora_A.dtype))
             with gathered_params([b], modifier_rank=0):  # under ZeRO-3 a bare zero_() misses the partitions
                 b.zero_()
+            if self.train_A:
+                with gathered_params([self.lora_A_active], modifier_rank=0):
+                    self.lora_A_active.copy_(lora_A.to(self.lora_A_active.dtype))
         b.requires_grad_(True)
+        if self.train_A:
+            self.lora_A_active.requires_grad_(True)
         self._set_status(task_id, TRAINING)
 
     def finish_task(self) -> None:
@@ -147,6 +170,11 @@ class InfLoRALinear(nn.Module):
         if task_id is None:
             raise RuntimeError("no active task to finish")
         self.lora_B(task_id).requires_grad_(False)
+        if self.train_A:  # the trained A becomes the task's frozen A
+            with gathered_params([self.lora_A_active]), torch.no_grad():
+                self.lora_A[task_id].copy_(self.lora_A_active.to(self.lora_A.dtype))
+            self.lora_A_active.requires_grad_(False)
+            self.active_factors = None
         self._set_status(task_id, FROZEN)
         if self.fold == "merge":
             self.merge(task_id)
@@ -157,9 +185,11 @@ class InfLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def weight_delta(self, task_id: int) -> torch.Tensor:
-        """B_t A_t in the base weight's own layout: (d_out, d_in), transposed for GPT-2's Conv1D; float32
-        whatever the adapter dtype (it is added into the base weight)."""
+        """scaling B_t A_t in the base weight's own layout: (d_out, d_in), transposed for GPT-2's Conv1D;
+        float32 whatever the adapter dtype (it is added into the base weight)."""
         delta = self.lora_B(task_id).float() @ self.lora_A[task_id].float()
+        if self.scaling != 1.0:
+            delta = delta * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
     def live_tasks(self) -> list[int]:
@@ -207,13 +237,24 @@ class InfLoRALinear(nn.Module):
         live = self.live_tasks()
         if not live:
             return result
-        if len(live) == 1:
+        training = self.active_task
+        if self.train_A and training is not None:
+            a_active, b_active = self.lora_A_active, self.lora_B(training)
+            if torch.is_grad_enabled():
+                self.active_factors = (a_active.clone(), b_active.clone())  # outlive a ZeRO-3 release
+            a = torch.cat([self.lora_A[t].to(a_active.dtype) if t != training else a_active for t in live])
+            b = torch.cat([self.lora_B(t) for t in live], dim=1)
+        elif len(live) == 1:
             a, b = self.lora_A[live[0]], self.lora_B(live[0])
         else:
             a = self.lora_A[live].reshape(-1, self.in_features)  # (r * n, d_in)
             b = torch.cat([self.lora_B(t) for t in live], dim=1)  # (d_out, r * n)
         # The branch computes in B's dtype: fp32 adapters on a bf16 base, or bf16 where DeepSpeed cast B.
-        return result + ((x.to(b.dtype) @ a.to(b.dtype).T) @ b.T).to(result.dtype)
+        branch = (x.to(b.dtype) @ a.to(b.dtype).T) @ b.T
+        if self.scaling != 1.0:
+            branch = branch * self.scaling
+        return result + branch.to(result.dtype)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, num_tasks={self.num_tasks}, fold={self.fold}, status={self._status}"
+        extra = f", train_A=True, scaling={self.scaling:g}" if self.train_A else ""
+        return f"rank={self.rank}, num_tasks={self.num_tasks}, fold={self.fold}{extra}, status={self._status}"

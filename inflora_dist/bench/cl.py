@@ -1,4 +1,4 @@
-"""InfLoRA against its baselines on one task sequence, side by side.
+"""InfLoRA against its baselines and peers on one task sequence, side by side.
 
 Each method runs `launch/train.py` with the same config (same data, model,
 targets, rank, budget and evaluation); only these overrides differ:
@@ -6,12 +6,14 @@ targets, rank, budget and evaluation); only these overrides differ:
   inflora     A_t designed outside the old tasks' subspace (the method), no classifier alignment
   inflora_ca  InfLoRA with classifier alignment after every task (ca.enabled=true), whatever the config says
   seq_lora    the same branches with A_t drawn like LoRA's A and nothing protected (the forgetting baseline)
+  olora       O-LoRA: A_t and B_t trained, A_t pushed orthogonal to the old A's (olora.lambda_1 / lambda_2)
+  olora_ca    O-LoRA with classifier alignment after every task (classification)
   joint       all tasks' data at once, one branch (the upper bound; no sequence, so no BWT or forgetting)
   simple_cil  the frozen pre-trained backbone and the prototype classifier (class means; trains nothing)
 
 Prints a table of average accuracy, BWT, forgetting and wall time per method
 (for instruction tuning, "accuracy" is each task's generation score: exact match
-or ROUGE-L, in percent; inflora_ca and simple_cil are for classification), and,
+or ROUGE-L, in percent; inflora_ca, olora_ca and simple_cil are for classification), and,
 for runs that collect class statistics, the prototype (nearest class mean)
 accuracy and the cost of the statistics and alignment as a share of the
 training time, both measured in the same run. With --json the last line is one
@@ -31,13 +33,15 @@ from pathlib import Path
 from inflora_dist.dist import free_port
 from inflora_dist.metrics import AccuracyMatrix
 
-SUMMARY = "InfLoRA vs seq-LoRA (vs joint) on a task sequence: accuracy, BWT, forgetting, time"
+SUMMARY = "InfLoRA vs its baselines (seq-LoRA, O-LoRA, joint, SimpleCIL) on a task sequence: accuracy, BWT, time"
 REPO = Path(__file__).resolve().parents[2]
 #: The overrides that make each method (on top of the config and the user's overrides).
 METHODS: dict[str, list[str]] = {
     "inflora": ["method=inflora", "ca.enabled=false"],
     "inflora_ca": ["method=inflora", "ca.enabled=true"],
     "seq_lora": ["method=seq_lora", "ca.enabled=false"],
+    "olora": ["method=olora", "ca.enabled=false"],
+    "olora_ca": ["method=olora", "ca.enabled=true"],
     "joint": ["method=joint", "ca.enabled=false"],
     "simple_cil": ["method=simple_cil", "ca.enabled=false"],
 }

@@ -4,6 +4,7 @@ reads a finished run build them.
 
     inflora     A_t designed outside the old tasks' subspace, B_t trained (inflora.py)
     joint       every task in one stage: the upper bound (inflora.py)
+    olora       A_t and B_t trained, A_t pushed orthogonal to the old A's (olora.py)
     seq_lora    random frozen A_t, B_t trained, nothing protected (baselines.py)
     simple_cil  nothing trained, prototype heads (baselines.py)
 
@@ -24,6 +25,7 @@ from inflora_dist.inject import inject_inflora
 from inflora_dist.methods.base import Method, Stage
 from inflora_dist.methods.baselines import SeqLoRA, SimpleCIL
 from inflora_dist.methods.inflora import InfLoRAMethod, Joint
+from inflora_dist.methods.olora import OLoRA
 from inflora_dist.workloads import Workload, build_workload
 
 #: The methods by their config name.
@@ -32,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
     "seq_lora": SeqLoRA,
     "joint": Joint,
     "simple_cil": SimpleCIL,
+    "olora": OLoRA,
 }
 assert set(METHODS) == set(METHOD_NAMES), "config.METHOD_NAMES lists the methods of this registry"
 
