@@ -180,7 +180,7 @@ def test_sigterm_during_the_covariance_pass_resumes_exactly(finished, shards, tm
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "stage 1 (task1): the branch's A" in line:
+        if "stage 1 (task1): the branches" in line:
             proc.send_signal(signal.SIGTERM)
             break
     log = "".join(lines) + proc.communicate(timeout=120)[0]

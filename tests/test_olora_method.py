@@ -6,16 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_llama
-from trainer_runs import LLM_CONFIG, REPO, command, env, llm_demo_shards, tiny_shards, train
+from trainer_runs import LLM_CONFIG, interrupt_two_processes, llm_demo_shards, tiny_shards, train
 
 from inflora_dist.config import RunConfig
 from inflora_dist.continual import finish_branches
@@ -180,19 +177,8 @@ def test_preempted_mid_task_resumes_exactly(runs, shards, tmp_path):
     """SIGUSR1 to a 2-rank ZeRO-3 O-LoRA run mid-task 1: exit 75 after a checkpoint; resume=auto ends where the
     uninterrupted run ends (adapter, matrices)."""
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", *OLORA, *ZERO3, "export.merged_model=true"]
-    proc = subprocess.Popen(command(2, *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob("*-task1-step3")):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "no mid-task checkpoint appeared"
-        time.sleep(0.05)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
-    assert len(workers) == 2
-    for w in workers:
-        w.send_signal(signal.SIGUSR1)
-    log = proc.communicate(timeout=120)[0]
+    overrides = [f"data.tasks={shards}/tasks.yaml", *OLORA, *ZERO3, "export.merged_model=true"]
+    log = interrupt_two_processes(overrides, out, signal.SIGUSR1)
     names = [p.name for p in (out / "checkpoints").iterdir()]
     assert any(n.endswith("-preempted") for n in names) and not any("task2" in n for n in names), names
     assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in log or f"exit code {PREEMPTED_EXIT_CODE}" in log, log[-3000:]

@@ -8,15 +8,23 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from trainer_runs import REPO, command, env, heads_and_statistics, results, tiny_shards, train
+from trainer_runs import (
+    REPO,
+    command,
+    env,
+    heads_and_statistics,
+    interrupt_two_processes,
+    results,
+    tiny_shards,
+    train,
+    workers,
+)
 
 from inflora_dist.config import RunConfig, load_run_config
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
@@ -122,29 +130,13 @@ def test_two_processes_reproduce_one_process(runs, stage):
         assert metrics[key] == ref_metrics[key], key
 
 
-def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
-
-
 @pytest.mark.parametrize("how", ["sigusr1", "sigkill"])
 def test_interrupted_run_resumes_to_the_same_result(runs, shards, tmp_path, how):
     """Stop a 2-process ZeRO-2 run mid-task 1 (pre-emption signal, or kill -9), resume=auto, compare."""
     out = tmp_path / "run"
-    overrides = [f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "deepspeed.zero_stage=2",
-                 "checkpoint.every_steps=3", "checkpoint.keep=20"]  # fmt: skip
-    proc = subprocess.Popen(command(2, *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob("*-task1-step3")):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "no mid-task checkpoint appeared"
-        time.sleep(0.05)
-    workers = _workers(proc)
-    assert len(workers) == 2
-    for w in workers:
-        w.send_signal(signal.SIGUSR1 if how == "sigusr1" else signal.SIGKILL)
-    log = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0
+    overrides = [f"data.tasks={shards}/tasks.yaml", "deepspeed.zero_stage=2", "checkpoint.every_steps=3",
+                 "checkpoint.keep=20"]  # fmt: skip
+    log = interrupt_two_processes(overrides, out, signal.SIGUSR1 if how == "sigusr1" else signal.SIGKILL)
     names = [p.name for p in (out / "checkpoints").iterdir()]
     assert not any(n.endswith("task1-done") or "task2" in n for n in names), names  # stopped mid-task 1
     if how == "sigusr1":
@@ -177,7 +169,7 @@ def test_preempted_after_training_resumes_exactly(runs, shards, tmp_path):
     for line in proc.stdout:
         lines.append(line)
         if "stage 1: folding the branch" in line:  # logged when training ends, before the post-training work
-            for w in _workers(proc):
+            for w in workers(proc):
                 w.send_signal(signal.SIGUSR1)
             break
     log = "".join(lines) + proc.communicate(timeout=120)[0]

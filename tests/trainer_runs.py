@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -67,6 +69,30 @@ def train(
             f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The train.py processes a launcher started."""
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+def interrupt_two_processes(overrides: list[str], out: Path, sig: int, checkpoint: str = "*-task1-step3") -> str:
+    """Launch a 2-process run (`overrides`, into `out`); when its checkpoint `checkpoint` appears, send `sig` to
+    both workers. Returns the run's output once it has exited, which must be with a failure status."""
+    proc = subprocess.Popen(command(2, f"output_dir={out}", *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob(checkpoint)):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint {checkpoint} appeared"
+        time.sleep(0.05)
+    running = workers(proc)
+    assert len(running) == 2
+    for w in running:
+        w.send_signal(sig)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, log[-3000:]
+    return log
 
 
 def results(out: Path) -> tuple[dict, dict]:
