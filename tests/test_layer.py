@@ -148,7 +148,7 @@ def test_conv1d_fan_in_fan_out():
     train_tasks(layer, 1)
     x = torch.randn(4, 16)
     unmerged = layer(x)
-    torch.testing.assert_close(unmerged, base(x) + x @ layer.weight_delta(0).T)
+    torch.testing.assert_close(unmerged, base(x) + x @ layer.weight_delta(0))  # Conv1D layout: (d_in, d_out)
     layer.merge(0)
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
