@@ -6,7 +6,11 @@ collective would still run, and the covariances, A and memories would be wrong
 with no error. Before each task the trainer hashes each such item on every
 rank (`check_ranks_agree`), all-gathers the digests in one collective and, on a
 mismatch, raises `RanksDisagree` on every rank (they all see the same table),
-naming each differing item and the ranks on each side.
+naming each differing item and the ranks on each side, and, for items that are
+values rather than digests (the resolved config, the task specs, versions),
+each differing key with its value on each side (`train.lr: 0.005 (rank 0) vs
+0.01 (rank 1)`): on a mismatch only, the differing values themselves are
+all-gathered (a few KB).
 
 The items are named and ordered by the caller; every rank must pass the same
 names (they come from code, not data). Values are hashed with SHA-256 and the
@@ -79,11 +83,12 @@ def check_ranks_agree(items: Mapping[str, Any], context: str) -> None:
     local = torch.tensor([_as_int64(h) for h in hexes], dtype=torch.int64, device=dist.collective_device())
     table = dist.all_gather(local).cpu()  # (world, items), collective
     rank = dist.get_rank()
-    problems = []
+    problems, differing = [], []
     for i, name in enumerate(names):
         column = table[:, i].tolist()
         if len(set(column)) == 1:
             continue
+        differing.append(name)
         sides: dict[int, list[int]] = {}
         for r, value in enumerate(column):
             sides.setdefault(value, []).append(r)
@@ -94,10 +99,46 @@ def check_ranks_agree(items: Mapping[str, Any], context: str) -> None:
         own = value if isinstance(value, str) and len(value) <= 80 and not _is_digest(value) else hexes[i][:16]
         problems.append(f"{name} differs: {described} (this rank, {rank}, has {own})")
     if problems:
+        problems += _value_differences({n: items[n] for n in differing if not _is_digest(items[n])})
         raise RanksDisagree(
             f"the ranks disagree {context}; every rank must read the same config, data and model:\n  "
             + "\n  ".join(problems)
         )
+
+
+#: At most this many differing keys are listed per item (then a count).
+_MAX_KEYS = 12
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': leaf, 'tasks[0].name': leaf} of nested dicts and lists."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value:
+        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{prefix.rstrip('.')}[{i}].").items()}
+    return {prefix.rstrip(".") or "(value)": value}
+
+
+def _value_differences(items: Mapping[str, Any]) -> list[str]:
+    """'<item>: <key>: <value> (rank 0) vs <value> (rank 1)' for every differing key of the items' values,
+    gathered from every rank. Collective: every rank passes the same item names."""
+    lines = []
+    gathered = dist.all_gather_json(list(items.values()))  # collective
+    for i, name in enumerate(items):
+        leaves = [_leaves(per_rank[i]) for per_rank in gathered]
+        keys = sorted(set().union(*leaves))
+        diffs = []
+        for key in keys:
+            sides: dict[str, list[int]] = {}
+            for rank, leaf in enumerate(leaves):
+                text = json.dumps(leaf.get(key, "(missing)"), default=str)
+                sides.setdefault(text[:60] + ("..." if len(text) > 60 else ""), []).append(rank)
+            if len(sides) > 1:
+                described = (f"{v} (rank{'s' * (len(r) > 1)} {', '.join(map(str, r))})" for v, r in sides.items())
+                diffs.append(f"{key}: " + " vs ".join(described))
+        more = [f"... and {len(diffs) - _MAX_KEYS} more keys"] if len(diffs) > _MAX_KEYS else []
+        lines += [f"{name}: {d}" for d in diffs[:_MAX_KEYS] + more]
+    return lines
 
 
 def _is_digest(value: Any) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import math
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,6 +90,19 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
     dist.all_gather(parts, tensor)
     return torch.stack(parts)
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON-serialisable `value`, by rank (as JSON round-trips it). Collective: a few KB at most
+    (error reports), sent as one padded byte tensor."""
+    data = json.dumps(value, sort_keys=True, default=str).encode()
+    if get_world_size() == 1:
+        return [json.loads(data)]
+    sizes = all_gather(torch.tensor([len(data)], dtype=torch.int64, device=collective_device()))[:, 0].tolist()
+    buffer = torch.zeros(max(sizes), dtype=torch.uint8)
+    buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    table = all_gather(buffer.to(collective_device())).cpu()
+    return [json.loads(bytes(table[r, :n].tolist())) for r, n in enumerate(sizes)]
 
 
 def reduce_sum_(tensor: torch.Tensor, dst: int) -> torch.Tensor:

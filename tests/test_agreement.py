@@ -20,7 +20,8 @@ from inflora_dist.dist import free_port
 def agree_or_report(rank: int, world_size: int) -> dict:
     same = {"config": {"lr": 0.1}, "torch version": "2.13.0"}
     check_ranks_agree(same, "in a test")  # equal everywhere: no error
-    differing = {**same, "shard index entries": {"a.tar": rank}, "deepspeed version": f"0.19.{8 + rank}"}
+    differing = {**same, "shard index entries": {"a.tar": rank}, "deepspeed version": f"0.19.{8 + rank}",
+                 "resolved config": {"train": {"lr": [0.005, 0.01][rank], "epochs": 2}, "seed": 0}}  # fmt: skip
     try:
         check_ranks_agree(differing, "before stage 1 (task1)")
     except RanksDisagree as err:
@@ -35,7 +36,12 @@ def test_a_mismatch_is_raised_on_every_rank_naming_item_and_sides(tmp_path):
         assert "the ranks disagree before stage 1 (task1)" in message
         assert "shard index entries differs: rank 0: " in message and "; rank 1: " in message
         assert "deepspeed version differs" in message and f"(this rank, {rank}, has 0.19.{8 + rank})" in message
-        assert "config differs" not in message and "torch version" not in message
+        assert "torch version" not in message and "\n  config" not in message
+        # The values themselves, key by key, for items that are not digests.
+        assert "\n  resolved config: train.lr: 0.005 (rank 0) vs 0.01 (rank 1)" in message, message
+        assert "train.epochs" not in message and "seed" not in message
+        assert "shard index entries: a.tar: 0 (rank 0) vs 1 (rank 1)" in message, message
+        assert 'deepspeed version: (value): "0.19.8" (rank 0) vs "0.19.9" (rank 1)' in message, message
 
 
 def test_digests_see_content_not_identity():
@@ -65,17 +71,16 @@ def two_copies(tmp_path_factory) -> tuple[Path, Path]:
     return first, second
 
 
-def test_two_nodes_reading_different_shard_indexes_stop_cleanly(two_copies, tmp_path):
-    """Two torchrun nodes on loopback, each in its own copy's directory with the same relative `data.tasks`:
-    the config strings agree, task 0's data agrees, task 1's index differs; both stop before stage 1's work."""
+def two_nodes(cwds: list[Path], overrides: list[list[str]]) -> list[tuple[int, str]]:
+    """(exit status, output) of two torchrun nodes on loopback, one process each, node i started in `cwds[i]`
+    with `overrides[i]`."""
     port = str(free_port())
     torchrun = str(Path(env()["PATH"].split(":")[0]) / "torchrun")
     procs = []
-    for node, cwd in enumerate(two_copies):
+    for node, (cwd, extra) in enumerate(zip(cwds, overrides, strict=True)):
         args = [torchrun, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
                 "--master_addr", "127.0.0.1", "--master_port", port,
-                str(REPO / "launch" / "train.py"), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
-                "data.tasks=tasks.yaml", "train.epochs=1"]  # fmt: skip
+                str(REPO / "launch" / "train.py"), "--config", str(CONFIG), *extra]  # fmt: skip
         procs.append(
             subprocess.Popen(args, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
@@ -86,10 +91,30 @@ def test_two_nodes_reading_different_shard_indexes_stop_cleanly(two_copies, tmp_
     finally:
         for proc in procs:
             proc.kill()
-    for proc, output in zip(procs, outputs, strict=True):
-        assert proc.returncode != 0, output[-3000:]
+    return [(proc.returncode, output) for proc, output in zip(procs, outputs, strict=True)]
+
+
+def test_two_nodes_reading_different_shard_indexes_stop_cleanly(two_copies, tmp_path):
+    """Two torchrun nodes on loopback, each in its own copy's directory with the same relative `data.tasks`:
+    the config strings agree, task 0's data agrees, task 1's index differs; both stop before stage 1's work."""
+    same = [f"output_dir={tmp_path / 'run'}", "data.tasks=tasks.yaml", "train.epochs=1"]
+    for status, output in two_nodes(list(two_copies), [same, same]):
+        assert status != 0, output[-3000:]
         assert "RanksDisagree: the ranks disagree before stage 1 (task1)" in output, output[-3000:]
         assert "shard index entries differs: rank 0: " in output and "; rank 1: " in output
         assert "resolved config differs" not in output and "task spec differs" not in output
     # Task 0 (same data everywhere) was trained and checkpointed before the check stopped stage 1.
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["000000-task0-done"]
+    # The index entries differ in their checksum: named key by key.
+    assert "shard index entries: task1.shards.train/task1-000000.tar.sha256: " in output, output[-3000:]
+
+
+def test_ranks_started_with_different_configs_name_the_keys(two_copies, tmp_path):
+    """Two ranks given different `train.lr` stop before any training, naming the key and both values."""
+    first = two_copies[0]
+    common = [f"output_dir={tmp_path / 'run'}", f"data.tasks={first}/tasks.yaml"]
+    results = two_nodes([first, first], [[*common, "train.lr=0.005"], [*common, "train.lr=0.01"]])
+    for status, output in results:
+        assert status != 0, output[-3000:]
+        assert "resolved config: train.lr: 0.005 (rank 0) vs 0.01 (rank 1)" in output, output[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
