@@ -24,6 +24,14 @@ Five exports:
 No function imports peft: the adapter files are written directly, in the
 layout PEFT's `save_pretrained` produces (checked against peft 0.21 in the tests).
 
+`written_atomically(target)` makes a folder export atomic: it is written into a
+temporary folder beside the target and renamed into place when complete, an
+earlier export there is replaced whole, and a failed write removes the partial
+folder and raises ExportWriteError naming the folder and the cause. The
+trainer and `export_model` write the PEFT adapter and the merged model through
+it; the single-file exports (continual state, class statistics) are each
+written to a temporary file and renamed.
+
 The continual state, class statistics and heads are read from what every rank
 holds (A is a buffer, the memories are broadcast by `InfLoRA`, the statistics
 reduced). Under DeepSpeed ZeRO-3, `export_peft_adapter` gathers B and
@@ -33,14 +41,18 @@ rank. Only the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -69,6 +81,94 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 _STATUS_NAMES = {UNUSED: "unused", TRAINING: "training", FROZEN: "frozen", MERGED: "merged"}
+
+
+class ExportWriteError(OSError):
+    """An export could not be written (a full disk, a quota): the partial output was removed, and what the
+    target held before is untouched."""
+
+
+@contextlib.contextmanager
+def written_atomically(target: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `target` to write a folder export into; when the block completes it
+    replaces `target` whole (no file of an earlier export survives).
+
+    A write that fails on the main process (OSError, SafetensorError) removes the
+    partial folder, leaves `target` as it was and raises ExportWriteError naming
+    the folder and the cause, on every rank (an all-reduce as the block starts
+    and one as it ends: collective; only the main process touches the file system).
+    """
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.partial"
+    main, failure = dist.is_main_process(), ""
+    if main:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            failure = f"{type(err).__name__}: {err}"
+    _agree_on_export(failure, target, tmp)  # collective
+    try:
+        yield tmp
+    except (OSError, SafetensorError) as err:
+        failure = f"{type(err).__name__}: {err}"
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if main and not failure:
+        try:
+            _replace_folder(tmp, target)
+        except OSError as err:
+            failure = f"{type(err).__name__}: {err}"
+    _agree_on_export(failure, target, tmp)  # collective
+
+
+def _agree_on_export(failure: str, target: Path, tmp: Path) -> None:
+    """Whether the main process failed to write (one all-reduce); if it did, remove the partial folder and
+    raise ExportWriteError on every rank."""
+    if not dist.any_rank(bool(failure)):
+        return
+    if dist.is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = "is as it was" if target.exists() else "does not exist"
+    raise ExportWriteError(
+        f"writing the export {target} failed ({failure or 'on the main process'}); the partial export was "
+        f"removed and {target} {kept}: free space (or fix the file system) and export again"
+    )
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, replacing whatever is there whole (restored if the rename fails)."""
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_pair(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, sidecar: Path, content: dict
+) -> None:
+    """A safetensors file and its JSON sidecar, each written to a temporary name and then renamed: a reader never
+    sees a partial file. A failure removes the temporary files and raises ExportWriteError naming both."""
+    tmp_tensors, tmp_json = (p.parent / f".{p.name}.partial" for p in (path, sidecar))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp_tensors), metadata=metadata)
+        _write_json(tmp_json, content)
+        os.replace(tmp_tensors, path)
+        os.replace(tmp_json, sidecar)
+    except (OSError, SafetensorError) as err:
+        tmp_tensors.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+        raise ExportWriteError(f"writing {path} and {sidecar} failed ({type(err).__name__}: {err})") from err
 
 
 def _started_tasks(layer: InfLoRALinear) -> list[int]:
@@ -169,9 +269,7 @@ def export_continual_state(inflora: InfLoRA, path: str | Path, task_names: Seque
         "groups": groups,
     }
     if dist.is_main_process():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"format": CONTINUAL_STATE_FORMAT})
-        _write_json(sidecar, sidecar_content)
+        _write_pair(path, tensors, {"format": CONTINUAL_STATE_FORMAT}, sidecar, sidecar_content)
 
 
 # ---------------------------------------------------------------------- PEFT adapter
@@ -307,8 +405,11 @@ def export_class_statistics(
     if sidecar == path:
         raise ValueError(f"path {str(path)!r} would be overwritten by its JSON sidecar; use e.g. a .safetensors suffix")
     seen = len(statistics)
-    save_file({k: _tensor_out(v) for k, v in statistics.state_dict().items()}, str(path))
-    _write_json(
+    tensors = {k: _tensor_out(v) for k, v in statistics.state_dict().items()}
+    _write_pair(
+        path,
+        tensors,
+        None,
         sidecar,
         {
             "format": CLASS_STATISTICS_FORMAT,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from inflora_dist import dist
 from inflora_dist.engine import exit_process, shutdown_distributed
+from inflora_dist.export import written_atomically
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 
 
@@ -31,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = TrainedRun(args.run, args.checkpoint)
     out = Path(args.out or trained.run / "model")
     shard = args.max_shard_size or trained.cfg.export.max_shard_size
-    trained.workload.export_model(trained.report, out, shard)  # collective under ZeRO-3
+    with written_atomically(out) as folder:  # collective; an earlier export at `out` is replaced whole
+        trained.workload.export_model(trained.report, folder, shard)  # collective under ZeRO-3
     if dist.is_main_process():
         print(f"wrote {out} ({', '.join(trained.learned)} merged)", flush=True)
     shutdown_distributed()

@@ -49,7 +49,7 @@ from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence
 from inflora_dist.data.build_shards import build_from_config
 from inflora_dist.data.spec import task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
-from inflora_dist.export import export_class_statistics, export_peft_adapter
+from inflora_dist.export import export_class_statistics, export_peft_adapter, written_atomically
 from inflora_dist.inject import count_parameters
 from inflora_dist.methods import Stage, assemble, restore
 from inflora_dist.metrics import save_metrics
@@ -576,13 +576,12 @@ class ContinualTrainer:
                     classes.offsets, self.names,
                 )  # fmt: skip
         if self.method.trains:  # a method that trains no branch has no adapter
-            export_peft_adapter(
-                self.model,
-                self.method.report,
-                self.out / "peft_adapter",
-                self.cfg.model.pretrained,
-                task_type=self.workload.peft_task_type,
-            )
+            with written_atomically(self.out / "peft_adapter") as folder:  # collective
+                export_peft_adapter(
+                    self.model, self.method.report, folder, self.cfg.model.pretrained,
+                    task_type=self.workload.peft_task_type,
+                )  # fmt: skip
         if self.cfg.export.merged_model:
-            self.workload.export_model(self.method.report, self.out / "model", self.cfg.export.max_shard_size)
+            with written_atomically(self.out / "model") as folder:  # collective
+                self.workload.export_model(self.method.report, folder, self.cfg.export.max_shard_size)
         dist.barrier()

@@ -175,8 +175,8 @@ class ImageClassification:
 
     def export_model(self, report: InjectionReport, directory: Path, max_shard_size: str) -> None:
         """The merged backbone (plain transformers), its heads and class map, in `directory`. Collective under
-        ZeRO-3."""
-        export_merged_model(self.model, report, directory, prefix="backbone.", max_shard_size=max_shard_size)
+        ZeRO-3. The heads first: the backbone's large write comes last, so a failed write (a full disk) leaves no
+        rank waiting in a gather (`export.written_atomically`)."""
         export_classifier_heads(
             self.model.heads,
             directory,
@@ -186,6 +186,7 @@ class ImageClassification:
             self.preprocess,
             self.class_names,
         )
+        export_merged_model(self.model, report, directory, prefix="backbone.", max_shard_size=max_shard_size)
 
     # ------------------------------------------------------------ class statistics and alignment
     def class_sums(self, tasks: Sequence[int]) -> ClassSums:

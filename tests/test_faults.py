@@ -12,11 +12,13 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from safetensors.torch import load_file
 from trainer_runs import REPO, command, env, tiny_shards, train
 
 from inflora_dist.checkpoint import Checkpointer
@@ -190,3 +192,45 @@ def test_sigterm_during_the_covariance_pass_resumes_exactly(finished, shards, tm
     assert again.returncode == 0, again.stderr[-3000:]
     redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
     assert redone["accuracy_matrix"] == original["accuracy_matrix"]
+
+
+def _export(run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "inflora_dist.export_model", "--run", str(run), "--out", str(out), *extra]
+    return subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_export_into_a_folder_replaces_the_first_whole(finished, tmp_path):
+    """Export task 1's model, then the finished run's, sharded, into the same folder: nothing of the first
+    survives (before, its model.safetensors stayed beside the new shards and transformers loaded it)."""
+    out = tmp_path / "model"
+    first = _export(finished, out, "--checkpoint", str(finished / "checkpoints" / "000001-task1-done"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "model.safetensors").exists()
+    second = _export(finished, out, "--max-shard-size", "20KB")
+    assert second.returncode == 0, second.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names, names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left beside it
+    heads = load_file(str(out / "heads.safetensors"))
+    assert sorted({k.split(".")[0] for k in heads}) == ["0", "1", "2"]  # the finished run's three heads
+
+
+def test_a_full_disk_during_an_export_leaves_no_partial_model(finished, tmp_path):
+    """Exports onto a 160 KiB tmpfs: task 1's model (about 100 KiB) fits; the finished run's, sharded, does not
+    fit beside it. That export fails naming the folder and the cause, leaves no partial model or temporary
+    folder, and the earlier export is untouched."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "160k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        first = _export(finished, disk / "model", "--checkpoint", str(finished / "checkpoints" / "000001-task1-done"))
+        assert first.returncode == 0, first.stderr[-3000:]
+        before = {p.name: p.read_bytes() for p in (disk / "model").iterdir()}
+        proc = _export(finished, disk / "model", "--max-shard-size", "20KB")
+        assert proc.returncode != 0
+        assert f"ExportWriteError: writing the export {disk / 'model'} failed" in proc.stderr, proc.stderr[-3000:]
+        assert "No space left on device" in proc.stderr and "is as it was" in proc.stderr, proc.stderr[-3000:]
+        assert sorted(p.name for p in disk.iterdir()) == ["model"]  # no temporary folder left
+        assert {p.name: p.read_bytes() for p in (disk / "model").iterdir()} == before
+    finally:
+        subprocess.run(["umount", str(disk)])
