@@ -24,23 +24,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inflora_dist.config import LANGUAGE_MODEL_KINDS
+from inflora_dist.data.images import read_image
 from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.trained import TrainedRun, add_run_arguments
 
 logger = logging.getLogger(__name__)
 
 
-def read_image(path: str | Path, channels: int) -> torch.Tensor:
-    """An image file as uint8 (1, H, W) for a one-channel model, else (1, H, W, 3): what the model preprocesses."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    return torch.from_numpy(array.copy()).unsqueeze(0)
+def image_batch(path: str | Path, channels: int) -> torch.Tensor:
+    """An image file as uint8 (1, H, W) for a one-channel model, else (1, H, W, 3): what the model preprocesses
+    (data.images.read_image: 16-bit scaled, other modes converted, unreadable files refused by name)."""
+    return torch.from_numpy(read_image(path, channels).copy()).unsqueeze(0)
 
 
 def classify(trained: TrainedRun, paths: Sequence[str], top_k: int = 1) -> list[list[tuple[str, float]]]:
@@ -51,7 +48,7 @@ def classify(trained: TrainedRun, paths: Sequence[str], top_k: int = 1) -> list[
     out = []
     with torch.no_grad():
         for path in paths:
-            image = read_image(path, workload.model.channels).to(trained.device)
+            image = image_batch(path, workload.model.channels).to(trained.device)
             probs = torch.softmax(trained.engine(image, upto=trained.upto).float(), dim=1)[0]
             top = probs.topk(min(top_k, len(names)))
             out.append([(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])

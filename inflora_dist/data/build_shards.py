@@ -33,10 +33,19 @@ from tqdm import tqdm
 
 from inflora_dist.config import to_yaml
 from inflora_dist.data import superni
+from inflora_dist.data.images import read_image
 from inflora_dist.data.instruction_sources import demo_sequence
 from inflora_dist.data.olora import ORDERS, records_for_build
 from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
-from inflora_dist.data.spec import METRICS, InstructionSpec, SplitSpec, TaskSequenceConfig, TaskSpec, validate
+from inflora_dist.data.spec import (
+    METRICS,
+    InstructionSpec,
+    SplitSpec,
+    TaskSequenceConfig,
+    TaskSpec,
+    check_path_component,
+    validate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +117,19 @@ def _rows(path: Path, split: str | None) -> Iterator[tuple[str, dict[str, Any]]]
             yield f"{path}[{i}]", row
     elif path.suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
-                yield f"{path}:{i}", row
+            reader = csv.DictReader(f)
+            try:
+                for row in reader:
+                    yield f"{path}:{reader.line_num}", row
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({err.reason})") from None
     elif path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
                 if line.strip():
                     try:
                         yield f"{path}:{lineno}", json.loads(line)
@@ -144,6 +161,7 @@ def read_records(
                 task = str(record[task_field]) if task_field else path.stem
             except KeyError as err:
                 raise ValueError(f"{where}: no field {err} (the record has {sorted(record)})") from None
+            check_path_component(task, f"{where}: field {task_field!r}" if task_field else f"{path}: file name")
             tasks.setdefault(task, []).append(item)
     return tasks
 
@@ -177,10 +195,10 @@ class ImageFolder:
     def __getitem__(self, index: int) -> bytes:
         from PIL import Image
 
-        with Image.open(self.files[index][0]) as im:
-            im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-            out = io.BytesIO()
-            im.save(out, format="JPEG", quality=self.quality)
+        pixels = read_image(self.files[index][0], channels=3)  # 16-bit scaled, other modes converted
+        im = Image.fromarray(pixels).resize((self.image_size, self.image_size), Image.BICUBIC)
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=self.quality)
         return out.getvalue()
 
 
@@ -330,6 +348,7 @@ def build_instruction(
     total = sum(map(len, records.values())) + sum(map(len, (eval_records or {}).values()))
     with tqdm(total=total, desc="writing shards", unit="sample", disable=not progress) as bar:
         for name, items in records.items():
+            check_path_component(name, "task name")
             metric = metrics.get(name, "exact_match")
             if metric not in METRICS:
                 raise ValueError(f"metric for task {name!r} must be one of {METRICS}, got {metric!r}")
@@ -461,6 +480,17 @@ class _Subset:
         return self.items[int(self.indices[i])]
 
 
+def _load_array(path: str) -> np.ndarray:
+    """An .npy array (never unpickled); NaN or inf values are refused naming the file and the first sample."""
+    array = np.load(path, allow_pickle=False)
+    if np.issubdtype(array.dtype, np.floating) and array.size:
+        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(f"{path}: sample {bad[0]} holds NaN or inf ({len(bad)} such samples of {len(array)})")
+    return array
+
+
 def _image_folders(args: argparse.Namespace) -> dict[str, Any]:
     train = ImageFolder(args.root, args.image_size)
     if args.eval_root:
@@ -513,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
             names = data.pop("class_names")
         else:
             keys = ("train_images", "train_labels", "eval_images", "eval_labels")
-            data = {k: np.load(getattr(args, k), allow_pickle=False) for k in keys}
+            data = {k: _load_array(getattr(args, k)) for k in keys}
             names = args.class_names.split(",") if args.class_names else None
         config = build_classification(
             (data["train_images"], data["train_labels"]),

@@ -174,6 +174,17 @@ def load_task_sequence(
     return config
 
 
+def check_path_component(value: str, where: str) -> str:
+    """`value` if it can name a shard file (task names become `<split>/<task>-NNNNNN.tar`): not empty, no path
+    separator, not `.` or `..`; else ValueError naming the value and `where` it came from."""
+    if not value or value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+        raise ValueError(
+            f"{where}: {value!r} cannot name a task's shards (it must be non-empty, without '/', '\\', NUL or "
+            "surrounding spaces, and not '.' or '..')"
+        )
+    return value
+
+
 def validate(config: TaskSequenceConfig) -> None:
     """Check the sequence for empty tasks, bad names and values, and overlapping classes."""
     if config.kind not in KINDS:

@@ -1,0 +1,53 @@
+"""build_shards refuses input that would be silently wrong later: names from data that are not safe path
+components, text that is not UTF-8, arrays holding NaN or inf. Each error names the file and the record."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from inflora_dist.data.build_shards import main, read_records
+
+
+@pytest.mark.parametrize("task", ["../escape", "a/b", "..", "", " padded"])
+def test_task_names_from_records_must_be_safe_path_components(tmp_path, task):
+    """A record whose task field would climb out of (or into another) split folder is refused, naming the
+    record's line and the value; before, `../escape` wrote its eval shard over the train shard, exit 0."""
+    src = tmp_path / "data.jsonl"
+    rows = [{"prompt": "p", "response": "r", "category": "ok"}] * 3 + [{"prompt": "p", "response": "r",
+                                                                        "category": task}]  # fmt: skip
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=f"data.jsonl:4: field 'category': {task!r} cannot name a task's shards"):
+        main(["records", str(src), "--task-field", "category", "--out", str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "p", "response": "r"}).encode()
+    src = tmp_path / "data.jsonl"
+    src.write_bytes(good + b"\n" + good + b"\n" + b'{"prompt": "caf\xff", "response": "r"}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:3: not UTF-8 text \(invalid start byte at byte 15\)"):
+        read_records([src])
+    csv = tmp_path / "data.csv"
+    csv.write_bytes(b"prompt,response\np,r\np,r\ncaf\xff,r\n")
+    with pytest.raises(ValueError, match=r"data.csv:\d+: not UTF-8 text"):
+        read_records([csv])
+
+
+def test_arrays_with_nan_are_refused_at_build_time(tmp_path):
+    """A NaN pixel in .npy input is named with its file and sample; before, it built fine and training failed
+    with 'covariance contains NaN or inf' naming no input."""
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 4, 4), dtype=np.float32)
+    images[5, 1, 2] = np.nan
+    labels = np.array([0, 1] * 4)
+    paths = {}
+    for name, array in (("train_images", images), ("train_labels", labels), ("eval_images", images[:4] * 0),
+                        ("eval_labels", labels[:4])):  # fmt: skip
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], array)
+    args = ["arrays", *(a for k, p in paths.items() for a in (f"--{k.replace('_', '-')}", str(p)))]
+    with pytest.raises(ValueError, match=r"train_images.npy: sample 5 holds NaN or inf \(1 such samples of 8\)"):
+        main([*args, "--tasks", "1", "--classes-per-task", "2", "--out", str(tmp_path / "out"), "--quiet"])
