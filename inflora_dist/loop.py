@@ -47,7 +47,7 @@ from inflora_dist.config import RunConfig, to_dict, to_yaml
 from inflora_dist.covariance import CovarianceCollector, TokenBudget, restrict_mask
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import build_from_config
-from inflora_dist.data.spec import task_records
+from inflora_dist.data.spec import check_classes, task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
 from inflora_dist.export import export_class_statistics, export_peft_adapter, written_atomically
 from inflora_dist.inject import count_parameters
@@ -94,6 +94,10 @@ class ContinualTrainer:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.seq = self._task_sequence()
         self.index = self.seq.load_index()
+        unchecked = check_classes(self.seq, self.index)  # before anything trains: labels beyond a task's classes
+        if unchecked and dist.is_main_process():
+            logger.warning("%d shards' index entries record no classes (an older index): their labels are not "
+                           "checked against the tasks' classes", len(unchecked))  # fmt: skip
         self.names = [t.name for t in self.seq.tasks]
         self.num_tasks = len(self.seq.tasks)
         self.task_metrics = [t.instruction.metric if t.instruction else "accuracy" for t in self.seq.tasks]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from safetensors.torch import load_file
 from trainer_runs import REPO, command, env, tiny_shards, train
 
@@ -234,3 +235,22 @@ def test_a_full_disk_during_an_export_leaves_no_partial_model(finished, tmp_path
         assert {p.name: p.read_bytes() for p in (disk / "model").iterdir()} == before
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_declared_classes_that_miss_the_shard_labels_stop_before_training(shards, tmp_path):
+    """tasks.yaml naming other classes for task 2 than its shards hold stops the run before task 0 trains,
+    naming the task, the shard and the labels; before, two tasks trained and then the loss failed with
+    'IndexError: Target -5 is out of bounds'."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
+    spec["root"] = str(copy)
+    used = {c for task in spec["tasks"] for c in task["classes"]}
+    spec["tasks"][2]["classes"] = sorted(set(range(10)) - used)[:2]  # valid, unused classes: not its shards' labels
+    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "run"
+    proc = _run(f"output_dir={out}", f"data.tasks={copy}/tasks.yaml")
+    assert proc.returncode != 0
+    assert "task 'task2': shard " in proc.stderr, proc.stderr[-3000:]
+    assert "that the task does not declare" in proc.stderr
+    assert not (out / "checkpoints").exists()

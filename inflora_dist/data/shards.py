@@ -18,13 +18,15 @@ INDEX_VERSION = 1
 @dataclass
 class ShardInfo:
     """One written shard: its path relative to the dataset root, sample count, size, sha256,
-    and the byte offset of each sample's first tar header (so a reader can seek to any sample)."""
+    the byte offset of each sample's first tar header (so a reader can seek to any sample) and, for
+    classification, the class labels its samples hold (sorted; checked against the task's classes)."""
 
     path: str
     samples: int
     bytes: int
     sha256: str
     offsets: list[int] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)
 
 
 class _HashingFile:
@@ -80,6 +82,8 @@ class ShardWriter:
             self._close_current()
             self._open_next()
         self.shards[-1].offsets.append(self._tar.tarstream.offset)  # logical tar position of this sample
+        if "cls" in sample and int(sample["cls"]) not in self.shards[-1].classes:
+            self.shards[-1].classes = sorted([*self.shards[-1].classes, int(sample["cls"])])
         self._tar.write(dict(sample))
         self._count += 1
 
@@ -102,10 +106,12 @@ def write_index(
     storage_options: Mapping[str, Any] | None = None,
     name: str = "index.json",
 ) -> dict:
-    """Write `root/index.json`: per shard {samples, bytes, sha256, offsets}, per task {split: samples}."""
+    """Write `root/index.json`: per shard {samples, bytes, sha256, offsets[, classes]}, per task {split: samples}."""
     index = {
         "version": INDEX_VERSION,
-        "shards": {s.path: {k: v for k, v in asdict(s).items() if k != "path"} for s in shards},
+        "shards": {
+            s.path: {k: v for k, v in asdict(s).items() if k != "path" and (k != "classes" or v)} for s in shards
+        },
         "tasks": {name: dict(splits) for name, splits in tasks.items()},
     }
     fs, root_path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))

@@ -185,6 +185,30 @@ def check_path_component(value: str, where: str) -> str:
     return value
 
 
+def check_classes(config: TaskSequenceConfig, index: Mapping[str, Any]) -> list[str]:
+    """Every shard's class labels (recorded in the index by the builder) against its task's declared `classes`;
+    raises ValueError naming the task, the shard and the labels it holds that the task does not declare.
+    Returns the shards whose index entry records no classes (an older index: not checked)."""
+    unchecked = []
+    for t, task in enumerate(config.tasks):
+        if task.classes is None:
+            continue
+        declared = set(task.classes)
+        for split in ("train", "eval"):
+            for path in config.shard_paths(t, split):
+                entry = index.get("shards", {}).get(path) or {}
+                if "classes" not in entry:
+                    unchecked.append(path)
+                    continue
+                stray = sorted(set(entry["classes"]) - declared)
+                if stray:
+                    raise ValueError(
+                        f"task {task.name!r}: shard {config.url(path)} holds classes {stray} that the task does not "
+                        f"declare (its classes: {sorted(declared)}): fix the task's classes or rebuild its shards"
+                    )
+    return unchecked
+
+
 def validate(config: TaskSequenceConfig) -> None:
     """Check the sequence for empty tasks, bad names and values, and overlapping classes."""
     if config.kind not in KINDS:
