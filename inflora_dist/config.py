@@ -20,12 +20,22 @@ T = TypeVar("T")
 
 
 def read_yaml(url: str, storage_options: Mapping[str, Any] | None = None) -> DictConfig:
-    """A YAML file from any fsspec URL; FileNotFoundError names the path."""
+    """A YAML mapping from any fsspec URL; FileNotFoundError names the path, ValueError names the file (and the
+    line) when it is not YAML or not a mapping of keys."""
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     if not fs.exists(path):
         raise FileNotFoundError(f"config file {url} does not exist")
     with fs.open(path, "r") as f:
-        return OmegaConf.create(f.read())
+        text = f.read()
+    try:
+        loaded = OmegaConf.create(text)
+    except yaml.YAMLError as err:
+        where = f" at line {err.problem_mark.line + 1}" if getattr(err, "problem_mark", None) else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{url}: not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{url}: expected a mapping of keys (key: value), got a {type(loaded).__name__}")
+    return loaded
 
 
 def merge_structured(schema: type[T], *sources: Mapping | DictConfig, overrides: Sequence[str] = ()) -> T:

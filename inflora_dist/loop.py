@@ -59,8 +59,10 @@ from inflora_dist.workloads import score_task
 
 logger = logging.getLogger(__name__)
 
-#: Exit status after a pre-emption signal was handled: checkpoint written, requeue me.
+#: Exit status after a pre-emption signal (SIGTERM, SIGUSR1) was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
+#: Exit status after Ctrl-C (SIGINT) was handled the same way (128 + SIGINT, the shell's convention).
+INTERRUPTED_EXIT_CODE = 130
 
 
 @dataclass
@@ -121,8 +123,8 @@ class ContinualTrainer:
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         run_id = self._resume()
         self.monitor = Monitor(cfg.wandb, self.out, asdict(cfg), run_id)
-        self._stop = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._stop, self._interrupted = False, False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._request_stop)
         logger.info(
             "%s: %d tasks in %d stages, %d input groups, micro batch %d x %d ranks x %d accumulation, ZeRO %d",
@@ -152,8 +154,19 @@ class ContinualTrainer:
         return load_task_sequence(cfg.tasks, storage_options=options)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
-        logger.warning("signal %d: stopping at the next step boundary", signum)
+        if signum == signal.SIGINT:
+            if self._interrupted:  # a second Ctrl-C: leave now, without the checkpoint
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self._interrupted = True
+            logger.warning("Ctrl-C: stopping at the next step boundary with a checkpoint (again: stop at once)")
+        else:
+            logger.warning("signal %d: stopping at the next step boundary", signum)
         self._stop = True
+
+    def _stopped_exit_code(self) -> int:
+        """The exit status of a run stopped by a signal: 130 after Ctrl-C on this rank, else 75 (requeue)."""
+        return INTERRUPTED_EXIT_CODE if self._interrupted else PREEMPTED_EXIT_CODE
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got a pre-emption signal. Collective (one all-reduce)."""
@@ -549,15 +562,16 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ entry
     def run(self) -> int:
-        """Train the remaining tasks; returns the process exit status (0, or PREEMPTED_EXIT_CODE)."""
+        """Train the remaining tasks; returns the process exit status (0, PREEMPTED_EXIT_CODE, or
+        INTERRUPTED_EXIT_CODE after Ctrl-C)."""
         try:
             for stage in range(self.progress.task, len(self.stages)):
                 if self._stop_agreed():  # collective: a signal during the last task's post-training work
                     logger.warning("pre-empted before stage %d: its last checkpoint is complete, exiting", stage)
-                    return PREEMPTED_EXIT_CODE
+                    return self._stopped_exit_code()
                 if not self._run_task(stage):
                     logger.warning("pre-empted during stage %d: checkpoint written, exiting", stage)
-                    return PREEMPTED_EXIT_CODE
+                    return self._stopped_exit_code()
             self._export()
             return 0
         finally:

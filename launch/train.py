@@ -5,8 +5,9 @@
     python launch/train.py --config configs/tiny_vit.yaml [key=value ...]
 
 Overrides are OmegaConf dotlist (train.lr=1e-4 inflora.rank=8). Exits 0 when
-the sequence is done, 75 after a pre-emption signal (SIGTERM/SIGUSR1) was
-handled with a checkpoint: run again with resume=auto to continue.
+the sequence is done, 75 after a pre-emption signal (SIGTERM/SIGUSR1) and 130
+after Ctrl-C (SIGINT) were handled with a checkpoint: run again with
+resume=auto to continue (docs/training.md lists every exit status).
 """
 
 from __future__ import annotations

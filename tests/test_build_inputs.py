@@ -51,3 +51,18 @@ def test_arrays_with_nan_are_refused_at_build_time(tmp_path):
     args = ["arrays", *(a for k, p in paths.items() for a in (f"--{k.replace('_', '-')}", str(p)))]
     with pytest.raises(ValueError, match=r"train_images.npy: sample 5 holds NaN or inf \(1 such samples of 8\)"):
         main([*args, "--tasks", "1", "--classes-per-task", "2", "--out", str(tmp_path / "out"), "--quiet"])
+
+
+def test_a_broken_yaml_names_its_file_and_line(tmp_path):
+    """A run config or task sequence that is not YAML (or not a mapping) is named, with the line."""
+    from inflora_dist.config import load_run_config
+    from inflora_dist.data import load_task_sequence
+
+    broken = tmp_path / "tasks.yaml"
+    broken.write_text("kind: classification\ntasks: [\n  - name: a\n")
+    with pytest.raises(ValueError, match=f"{broken}: not valid YAML at line 3"):
+        load_task_sequence(str(broken))
+    run = tmp_path / "run.yaml"
+    run.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match=f"{run}: expected a mapping of keys"):
+        load_run_config(str(run))

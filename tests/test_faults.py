@@ -24,7 +24,7 @@ from trainer_runs import REPO, command, env, tiny_shards, train
 
 from inflora_dist.checkpoint import Checkpointer
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
-from inflora_dist.loop import PREEMPTED_EXIT_CODE
+from inflora_dist.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from inflora_dist.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
@@ -174,20 +174,27 @@ def test_a_checkpoint_left_half_written_is_never_picked(finished, shards, tmp_pa
     assert redone["accuracy_matrix"] == original["accuracy_matrix"]
 
 
-def test_sigterm_during_the_covariance_pass_resumes_exactly(finished, shards, tmp_path):
-    """SIGTERM as task 1's covariance pass (its A's design) starts: the pass, A and the step under way complete,
-    the run checkpoints and exits 75; the rerun ends as the uninterrupted run."""
+@pytest.mark.parametrize(
+    ("sig", "when", "status"),
+    [(signal.SIGTERM, "stage 1 (task1): the branches", PREEMPTED_EXIT_CODE),
+     (signal.SIGINT, "stage 1: training", INTERRUPTED_EXIT_CODE)],
+    ids=["sigterm-covariance-pass", "ctrl-c-training"],
+)  # fmt: skip
+def test_a_signal_mid_task_checkpoints_and_resumes_exactly(finished, shards, tmp_path, sig, when, status):
+    """SIGTERM as task 1's covariance pass (its A's design) starts, or Ctrl-C (SIGINT) as its training starts:
+    the work under way completes to the next step boundary, the run checkpoints and exits 75 (130 after Ctrl-C);
+    the rerun ends as the uninterrupted run."""
     out = tmp_path / "run"
     proc = subprocess.Popen(command(1, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml"), cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "stage 1 (task1): the branches" in line:
-            proc.send_signal(signal.SIGTERM)
+        if when in line:
+            proc.send_signal(sig)
             break
     log = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
+    assert proc.returncode == status, log[-3000:]
     assert any(p.name.endswith("-preempted") for p in (out / "checkpoints").iterdir())
     again = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
     assert again.returncode == 0, again.stderr[-3000:]
