@@ -81,11 +81,17 @@ def stale_reason(holder: dict[str, Any], now: float, stale_after_s: float, host:
 
 
 class RunLock:
-    """The lock of one run directory (rank 0 only): `acquire()`, then `release()` (also at interpreter exit)."""
+    """The lock of one run directory (rank 0 only): `acquire()`, then `release()` (also at interpreter exit).
 
-    def __init__(self, directory: str | Path, stale_after_s: float = 300.0) -> None:
+    `what` names the directory in errors, `holder` what holds it and `advice` how to avoid it (a shard folder
+    being built takes the same lock: "shard folder", "another build", "use another --out").
+    """
+
+    def __init__(self, directory: str | Path, stale_after_s: float = 300.0, what: str = "run directory",
+                 holder: str = "another run", advice: str = "use another output_dir") -> None:  # fmt: skip
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
+        self.what, self.holder, self.advice = what, holder, advice
         self.path = Path(directory) / LOCK_NAME
         self.stale_after_s = stale_after_s
         self.heartbeat_s = min(30.0, stale_after_s / 4)
@@ -137,13 +143,13 @@ class RunLock:
             reason = stale_reason(holder, time.time(), self.stale_after_s, self.record["host"], dict(os.environ))
             if not reason:
                 raise RunDirectoryLocked(
-                    f"run directory {self.path.parent} is in use by another run ({_describe(holder)}); "
-                    f"stop it, or use another output_dir. If that process is gone (its node lost), the lock "
+                    f"{self.what} {self.path.parent} is in use by {self.holder} ({_describe(holder)}); "
+                    f"stop it, or {self.advice}. If that process is gone (its node lost), the lock "
                     f"becomes stale {self.stale_after_s:.0f} s after its last heartbeat; or delete {self.path}"
                 )
             logger.warning("breaking the stale lock of %s (%s): %s", self.path.parent, _describe(holder), reason)
             self._break(holder)
-        raise RunDirectoryLocked(f"run directory {self.path.parent}: could not take {self.path} (contended)")
+        raise RunDirectoryLocked(f"{self.what} {self.path.parent}: could not take {self.path} (contended)")
 
     def _break(self, stale: dict[str, Any]) -> None:
         """Remove the lock if it is still the `stale` record, holding the breaker file; wait while another breaks."""

@@ -66,3 +66,21 @@ def test_a_broken_yaml_names_its_file_and_line(tmp_path):
     run.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match=f"{run}: expected a mapping of keys"):
         load_run_config(str(run))
+
+
+def test_a_folder_being_built_is_locked(tmp_path):
+    """A second build into a folder another live build holds stops at once, naming the folder and the holder;
+    the folder is free again once the first build ends."""
+    from inflora_dist.runlock import RunDirectoryLocked, RunLock
+
+    out = tmp_path / "shards"
+    first = RunLock(out, what="shard folder", holder="another build", advice="use another --out")
+    first.acquire()  # a live build (this process) holds it
+    try:
+        with pytest.raises(RunDirectoryLocked, match=f"shard folder {out} is in use by another build \\(host "):
+            main(["llm-demo", "--out", str(out), "--per-label", "4", "--quiet"])
+        assert not (out / "tasks.yaml").exists()
+    finally:
+        first.release()
+    main(["llm-demo", "--out", str(out), "--per-label", "4", "--quiet"])
+    assert (out / "tasks.yaml").exists() and not (out / ".run.lock").exists()

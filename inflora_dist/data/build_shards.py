@@ -46,6 +46,7 @@ from inflora_dist.data.spec import (
     check_path_component,
     validate,
 )
+from inflora_dist.runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -515,9 +516,28 @@ def build_from_config(build: Mapping[str, Any], out: Path) -> TaskSequenceConfig
 
 
 def main(argv: Sequence[str] | None = None) -> TaskSequenceConfig:
-    """Entry point of `python -m inflora_dist.data.build_shards`."""
+    """Entry point of `python -m inflora_dist.data.build_shards`.
+
+    A local `--out` folder is locked while it is built (runlock.RunLock, as a run directory is): a second
+    build into it stops at once naming the folder and the holder.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if "://" in args.out and not args.out.startswith("file://"):
+        return _build(args)  # an object store has no O_EXCL file to lock with
+    out = Path(args.out.removeprefix("file://"))
+    existed = out.exists()
+    lock = RunLock(out, what="shard folder", holder="another build", advice="use another --out")
+    lock.acquire()
+    try:
+        return _build(args)
+    finally:
+        lock.release()
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made only to hold the lock of a build that wrote nothing
+
+
+def _build(args: argparse.Namespace) -> TaskSequenceConfig:
     options = dict(args.storage_option)
     common = {"seed": args.seed, "shard_size": args.shard_size, "storage_options": options, "progress": not args.quiet}
     if args.command in ("olora", "superni"):
