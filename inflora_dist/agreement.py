@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 from inflora_dist import dist
+from inflora_dist.errors import UserError
 from inflora_dist.inject import InjectionReport
 
 
-class RanksDisagree(RuntimeError):
+class RanksDisagree(UserError, RuntimeError):
     """Some rank's fingerprint of a must-be-equal item differs from another's."""
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from inflora_dist import dist
 from inflora_dist.config import resume_differences
 from inflora_dist.data.spec import continuation_error
+from inflora_dist.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ MEMORY_PREFIX = "memory."  # state.safetensors: subspace bases by input group
 STATS_PREFIX = "class_stats."  # state.safetensors: the class statistics' tensors
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(UserError, RuntimeError):
     """A checkpoint's files do not match its manifest (or the manifest is unreadable)."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (a full disk, a quota); the ones before it are untouched."""
 
 

@@ -36,6 +36,7 @@ from inflora_dist.config import LANGUAGE_MODEL_KINDS
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import key_value_option
 from inflora_dist.engine import exit_process, shutdown_distributed
+from inflora_dist.errors import run_command
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 from inflora_dist.workloads import score_task
 
@@ -136,4 +137,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main, exit=exit_process)

@@ -59,6 +59,7 @@ from torch import nn
 from inflora_dist import dist
 from inflora_dist.class_stats import ClassStatistics
 from inflora_dist.continual import InfLoRA
+from inflora_dist.errors import UserError
 from inflora_dist.inject import InjectionReport
 from inflora_dist.layer import FROZEN, MERGED, TRAINING, UNUSED, InfLoRALinear
 
@@ -83,7 +84,7 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 _STATUS_NAMES = {UNUSED: "unused", TRAINING: "training", FROZEN: "frozen", MERGED: "merged"}
 
 
-class ExportWriteError(OSError):
+class ExportWriteError(UserError, OSError):
     """An export could not be written (a full disk, a quota): the partial output was removed, and what the
     target held before is untouched."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from inflora_dist import dist
 from inflora_dist.engine import exit_process, shutdown_distributed
+from inflora_dist.errors import run_command
 from inflora_dist.export import written_atomically
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 
@@ -41,4 +42,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main, exit=exit_process)

@@ -49,6 +49,7 @@ from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence
 from inflora_dist.data.build_shards import build_from_config
 from inflora_dist.data.spec import check_classes, task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
+from inflora_dist.errors import UserError
 from inflora_dist.export import export_class_statistics, export_peft_adapter, written_atomically
 from inflora_dist.inject import count_parameters
 from inflora_dist.methods import Stage, assemble, restore
@@ -76,7 +77,7 @@ class Progress:
     loader: dict[str, int] = field(default_factory=lambda: {"epoch": 0, "consumed": 0})
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """A training step's loss was NaN or infinite on some rank: every rank stops before its update."""
 
 
@@ -92,8 +93,6 @@ class ContinualTrainer:
         self.out = Path(cfg.output_dir)
         self.lock = RunLock(self.out, cfg.checkpoint.lock_stale_after_s)
         self._take_run_directory()  # collective: before anything is written
-        if dist.is_main_process():
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.seq = self._task_sequence()
         self.index = self.seq.load_index()
         unchecked = check_classes(self.seq, self.index)  # before anything trains: labels beyond a task's classes
@@ -122,6 +121,8 @@ class ContinualTrainer:
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
         run_id = self._resume()
+        if dist.is_main_process():  # after the resume checks: a refused config must not replace the run's own
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.monitor = Monitor(cfg.wandb, self.out, asdict(cfg), run_id)
         self._stop, self._interrupted = False, False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):

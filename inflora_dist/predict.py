@@ -29,6 +29,7 @@ import torch
 from inflora_dist.config import LANGUAGE_MODEL_KINDS
 from inflora_dist.data.images import read_image
 from inflora_dist.engine import exit_process, shutdown_distributed
+from inflora_dist.errors import run_command
 from inflora_dist.trained import TrainedRun, add_run_arguments
 
 logger = logging.getLogger(__name__)
@@ -119,4 +120,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main, exit=exit_process)

@@ -41,13 +41,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from inflora_dist.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
 BREAKER_STALE_S = 30.0  # a break takes milliseconds; a breaker file this old was left by a dead process
 
 
-class RunDirectoryLocked(RuntimeError):
+class RunDirectoryLocked(UserError, RuntimeError):
     """Another live run holds the run directory."""
 
 

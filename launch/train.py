@@ -17,6 +17,7 @@ import signal
 
 from inflora_dist.config import load_run_config
 from inflora_dist.engine import exit_process, shutdown_distributed
+from inflora_dist.errors import run_command
 from inflora_dist.loop import ContinualTrainer
 from inflora_dist.trained import configure_logging
 
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_command(main, exit=exit_process)

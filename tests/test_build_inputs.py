@@ -84,3 +84,30 @@ def test_a_folder_being_built_is_locked(tmp_path):
         first.release()
     main(["llm-demo", "--out", str(out), "--per-label", "4", "--quiet"])
     assert (out / "tasks.yaml").exists() and not (out / ".run.lock").exists()
+
+
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
+    """The entry points print an error in their input as one line naming the cause, exit 2, no traceback;
+    INFLORA_DEBUG=1 adds the traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "\xff", "response": "r"}\n')
+    cases = [
+        ([sys.executable, str(repo / "launch" / "train.py"), "--config", str(repo / "configs" / "tiny_vit.yaml"),
+          "train.lr=-1"], "train.py: error: ValueError: train.lr must be >= 0, got -1.0"),
+        ([sys.executable, "-m", "inflora_dist.data.build_shards", "records", str(bad), "--out", str(tmp_path / "o")],
+         f"build_shards.py: error: ValueError: {bad}:2: not UTF-8 text"),
+    ]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for args, line in cases:
+        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert line in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(cases[1][0], cwd=repo, env={**env, "INFLORA_DEBUG": "1"}, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and cases[1][1] in proc.stderr

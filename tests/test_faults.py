@@ -72,6 +72,8 @@ def test_resume_with_a_changed_rank_names_every_changed_key(finished, shards):
     assert "was written with another config" in proc.stderr, proc.stderr[-3000:]
     assert "inflora.rank: 4 -> 8" in proc.stderr and "ca.epochs: 5 -> 2" in proc.stderr
     assert "train.lr" not in proc.stderr and "size mismatch" not in proc.stderr  # lr may change; no torch page
+    # The refused config did not replace the run's own (evaluate, predict and export_model read it).
+    assert yaml.safe_load((finished / "config.yaml").read_text())["inflora"]["rank"] == 4
 
 
 def test_resume_auto_falls_back_past_a_corrupt_newest_checkpoint(finished, shards, tmp_path):

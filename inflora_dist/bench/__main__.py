@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from inflora_dist.errors import run_command
+
 #: Command name -> module providing SUMMARY, add_arguments(parser) and run(args) -> dict.
 COMMANDS: dict[str, str] = {
     "step": "inflora_dist.bench.step",
@@ -40,4 +42,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

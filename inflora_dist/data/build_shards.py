@@ -46,6 +46,7 @@ from inflora_dist.data.spec import (
     check_path_component,
     validate,
 )
+from inflora_dist.errors import run_command
 from inflora_dist.runlock import RunLock
 
 logger = logging.getLogger(__name__)
@@ -581,4 +582,4 @@ def _build(args: argparse.Namespace) -> TaskSequenceConfig:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from inflora_dist.errors import UserError
+
 #: Pillow modes holding integers of up to 16 bits per pixel (one channel).
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be read or converted to 8-bit pixels: names the file."""
 
 

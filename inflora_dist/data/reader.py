@@ -34,6 +34,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from inflora_dist import dist
 from inflora_dist.data.plan import RankPlan, Segment, plan_rank, replay_round_robin, worker_blocks
 from inflora_dist.data.spec import TaskSequenceConfig
+from inflora_dist.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ MODES = ("train", "exact")
 ON_ERROR = ("raise", "skip")
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard could not be read: names the URL and, where known, the tar member."""
 
     def __init__(self, url: str, member: str | None, reason: str) -> None:
