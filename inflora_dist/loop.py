@@ -31,7 +31,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,7 @@ from inflora_dist.agreement import check_ranks_agree, frozen_weights, tensors_di
 from inflora_dist.checkpoint import STATS_PREFIX, CheckpointCorrupt, Checkpointer, check_resumable
 from inflora_dist.config import RunConfig, to_dict, to_yaml
 from inflora_dist.covariance import CovarianceCollector, TokenBudget, restrict_mask
-from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
+from inflora_dist.data import ShardError, TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import build_from_config
 from inflora_dist.data.spec import check_classes, task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
@@ -183,6 +183,26 @@ class ContinualTrainer:
         )  # fmt: skip
         return TaskLoader(stream, num_workers=self.cfg.train.num_workers)
 
+    def _agreed(self, batches: Iterable[Any], what: str) -> Iterator[Any]:
+        """`batches` while every rank reads its own. A shard that cannot be read, or whose bytes differ from the
+        index, on any rank stops every rank with ShardError naming it (and `what` read it), before the batch is
+        used: nothing from it reaches a step, and no checkpoint is written. Collective: one all-reduce per batch
+        (every rank reads the same number of batches)."""
+        it = iter(batches)
+        while True:
+            failure = ""
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except ShardError as err:
+                failure = f"{what}: {err.reason}"
+            if dist.any_rank(bool(failure)):  # collective
+                gathered = dist.all_gather_json(failure)  # collective
+                raise ShardError("; ".join(f"rank {r}: {m}" if self.world > 1 else m for r, m in enumerate(gathered)
+                                           if m))  # fmt: skip
+            yield batch
+
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
 
@@ -315,7 +335,7 @@ class ContinualTrainer:
         loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size, interleave=budget is not None)
         summing = 0.0
         with torch.no_grad(), self._bar(len(loader), desc) as bar:
-            for raw in loader:
+            for raw in self._agreed(loader, desc):
                 if budget is not None and budget.full and sums is None:
                     break  # the same batch on every rank: `full` comes from the same gathered counts
                 batch = self.workload.prepare(raw)
@@ -347,7 +367,8 @@ class ContinualTrainer:
         for j in range(upto + 1) if tasks is None else tasks:
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
             with self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
-                scores = score_task(self.workload, engine, loader, j, upto, bar)  # collective
+                batches = self._agreed(loader, f"task {self.names[j]} eval")
+                scores = score_task(self.workload, engine, batches, j, upto, bar)  # collective
             for row, value in zip(rows, scores, strict=True):
                 row.append(value)
         return rows
@@ -441,7 +462,7 @@ class ContinualTrainer:
         """The remaining optimizer steps of the task: (prepared micro-batches, loader position after them)."""
         while loader.epoch < self.cfg.train.epochs:
             step: list[dict[str, torch.Tensor]] = []
-            for batch in loader:
+            for batch in self._agreed(loader, f"stage {self.progress.task} training"):
                 step.append(self.workload.prepare(batch))
                 if len(step) == self.accumulation:  # the plan pads whole steps
                     yield step, loader.state_dict()

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -235,6 +236,12 @@ def test_s3_through_a_real_s3_api(sequence, fmnist, tmp_path):
         index = remote.load_index()
         local_index = sequence.load_index()
         assert index["shards"] == local_index["shards"]  # same bytes, same checksums
+        # A shard replaced by another valid one under the index is caught as it streams, naming the object.
+        fs = fsspec.filesystem("s3", **options)
+        task0, task1 = remote.shard_urls(0, "train")[0], remote.shard_urls(1, "train")[0]
+        fs.pipe(task1, fs.cat(task0))
+        with pytest.raises(ShardError, match=rf"cannot read shard {task1}: sample 0 does not match the index"):
+            list(TaskLoader(open_task(remote, 1, "train", batch_size=16, mode="exact", rank=0, world_size=1)))
 
 
 def test_cli_help_lists_sources():

@@ -263,3 +263,47 @@ def test_declared_classes_that_miss_the_shard_labels_stop_before_training(shards
     assert "task 'task2': shard " in proc.stderr, proc.stderr[-3000:]
     assert "that the task does not declare" in proc.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_a_shard_changed_under_a_run_stops_it_before_training_on_it(shards, tmp_path):
+    """Task 1's first training shard replaced by task 0's (a valid shard, other bytes) under its index: task 0
+    trains and checkpoints; task 1's first read of it (its covariance pass, before training) stops the run
+    with ShardError naming the task, the shard and the sample, exit 2; no checkpoint of task 1 is written."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
+    spec["root"] = str(copy)
+    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+    task0, task1 = (copy / spec["tasks"][t]["train"]["shards"][0] for t in (0, 1))
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(1, f"output_dir={out}", f"data.tasks={copy}/tasks.yaml"), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "stage 0: training" in line:
+            shutil.copyfile(task0, task1)  # while the run is under way
+            break
+    log = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, log[-3000:]
+    assert f"ShardError: stage 1 covariance: cannot read shard {task1}: sample 0 does not match the index" in log
+    assert "Traceback" not in log
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]
+
+
+def test_a_changed_shard_stops_every_rank(shards, tmp_path):
+    """Two ranks: the rank(s) reading a changed shard name it, and every rank stops with exit 2 (no hang)."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
+    spec["root"] = str(copy)
+    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copyfile(copy / spec["tasks"][0]["train"]["shards"][0], copy / spec["tasks"][1]["train"]["shards"][-1])
+    out = tmp_path / "run"
+    args = command(2, f"output_dir={out}", f"data.tasks={copy}/tasks.yaml", "train.epochs=1")
+    proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] train.py: error: ShardError: " in proc.stderr, proc.stderr[-3000:]
+    assert "does not match the index" in proc.stderr and "exitcode  : 2" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]

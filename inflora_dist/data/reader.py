@@ -14,12 +14,21 @@ Modes:
 
 Every batch has exactly `batch_size` rows and a `weight` tensor: 1 for real
 samples, 0 for padding rows (copies of a real sample).
+
+Verification: with the index's per-sample digests (shards.py), each run of
+samples is read as one byte range and every sample's bytes are checked against
+its digest before they are decoded: a shard changed after its index was written
+(replaced, rewritten, truncated) raises ShardError naming the shard, the sample
+and what differs, before any of its samples is used. No byte is read twice. An
+index without digests (shards built before they were recorded) is read
+unverified, with a warning.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +42,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from inflora_dist import dist
 from inflora_dist.data.plan import RankPlan, Segment, plan_rank, replay_round_robin, worker_blocks
+from inflora_dist.data.shards import sample_digest
 from inflora_dist.data.spec import TaskSequenceConfig
 from inflora_dist.errors import UserError
 
@@ -43,12 +53,24 @@ ON_ERROR = ("raise", "skip")
 
 
 class ShardError(UserError, RuntimeError):
-    """A shard could not be read: names the URL and, where known, the tar member."""
+    """A shard could not be read, or its bytes differ from the index: names the URL and, where known, the tar
+    member or sample. Built from one message (so a DataLoader worker's error keeps its type)."""
 
-    def __init__(self, url: str, member: str | None, reason: str) -> None:
-        where = f"{url} (member {member})" if member else url
-        super().__init__(f"cannot read shard {where}: {reason}")
+    def __init__(self, message: str, url: str | None = None, member: str | None = None) -> None:
+        super().__init__(message)
         self.url, self.member = url, member
+
+    @classmethod
+    def reading(cls, url: str, member: str | None, reason: str) -> ShardError:
+        """`cannot read shard <url> (member <member>): <reason>`."""
+        where = f"{url} (member {member})" if member else url
+        return cls(f"cannot read shard {where}: {reason}", url, member)
+
+    @property
+    def reason(self) -> str:
+        """The message without a DataLoader worker's traceback (its last line is the original error)."""
+        last = str(self).strip().splitlines()[-1] if str(self).strip() else ""
+        return last.split("ShardError: ", 1)[-1]
 
 
 # ---------------------------------------------------------------- decoding
@@ -159,9 +181,9 @@ def read_samples(stream: Any, url: str, skip: int, count: int) -> list[dict[str,
         if sample is not None and len(out) < count:
             emit(sample)
     except Exception as err:  # tarfile, network and format errors all end here
-        raise ShardError(url, member, f"{type(err).__name__}: {err}") from err
+        raise ShardError.reading(url, member, f"{type(err).__name__}: {err}") from err
     if len(out) < count:
-        raise ShardError(url, member, f"ended after {position} samples, {skip + count} expected")
+        raise ShardError.reading(url, member, f"ended after {position} samples, {skip + count} expected")
     return out
 
 
@@ -170,12 +192,20 @@ class ShardReader:
 
     With per-sample byte offsets (from the index) a segment is read by seeking
     to its first sample; without them the shard is streamed from its start.
+    With the index's per-sample digests and end offsets as well, a segment is
+    read as one byte range and verified sample by sample before it is parsed.
     """
 
     def __init__(
-        self, urls: Sequence[str], offsets: Sequence[Sequence[int]] | None, storage_options: Mapping[str, Any]
+        self,
+        urls: Sequence[str],
+        offsets: Sequence[Sequence[int]] | None,
+        storage_options: Mapping[str, Any],
+        digests: Sequence[Sequence[str]] | None = None,
+        ends: Sequence[int] | None = None,
     ) -> None:
         self.urls, self.offsets, self.storage_options = urls, offsets, storage_options
+        self.digests, self.ends = (digests, ends) if offsets is not None else (None, None)
         self._url: str | None = None
         self._file: Any = None
 
@@ -187,14 +217,37 @@ class ShardReader:
             try:
                 self._file = fsspec.open(url, "rb", **self.storage_options).open()
             except FileNotFoundError:
-                raise ShardError(url, None, "file not found") from None
+                raise ShardError.reading(url, None, "file not found") from None
             except Exception as err:
-                raise ShardError(url, None, f"{type(err).__name__}: {err}") from err
+                raise ShardError.reading(url, None, f"{type(err).__name__}: {err}") from err
             self._url = url
         offsets = self.offsets[segment.shard] if self.offsets else None
         self._file.seek(offsets[segment.start] if offsets else 0)
+        if offsets and self.digests is not None and self.ends is not None:
+            return read_samples(self._verified(segment, url, offsets), url, 0, segment.stop - segment.start)
         skip = 0 if offsets else segment.start
         return read_samples(self._file, url, skip, segment.stop - segment.start)
+
+    def _verified(self, segment: Segment, url: str, offsets: Sequence[int]) -> io.BytesIO:
+        """The segment's bytes, read at once, each sample checked against the index's digest."""
+        assert self.digests is not None and self.ends is not None
+        bounds = [*offsets[segment.start : segment.stop + 1]]
+        if segment.stop == len(offsets):
+            bounds.append(self.ends[segment.shard])
+        try:
+            data = self._file.read(bounds[-1] - bounds[0])
+        except Exception as err:
+            raise ShardError.reading(url, None, f"{type(err).__name__}: {err}") from err
+        view = memoryview(data)
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            expected = self.digests[segment.shard][segment.start + i]
+            got = sample_digest(view[a - bounds[0] : b - bounds[0]])
+            if got != expected:
+                raise ShardError.reading(
+                    url, None, f"sample {segment.start + i} does not match the index (sha256 {got}..., the index "
+                    f"has {expected}...): the shard changed after its index was written; rebuild it or restore it",
+                )  # fmt: skip
+        return io.BytesIO(data)
 
     def close(self) -> None:
         """Close the open shard, if any."""
@@ -222,6 +275,8 @@ class TaskStream(IterableDataset):
         mode: str = "train",
         seed: int = 0,
         offsets: Sequence[Sequence[int]] | None = None,
+        digests: Sequence[Sequence[str]] | None = None,
+        ends: Sequence[int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         accumulation: int = 1,
@@ -241,6 +296,9 @@ class TaskStream(IterableDataset):
             raise ValueError("need one byte offset per sample of every shard")
         self.urls, self.shard_sizes = list(urls), [int(s) for s in shard_sizes]
         self.offsets = [list(o) for o in offsets] if offsets is not None else None
+        if digests is not None and (ends is None or [len(d) for d in digests] != [int(s) for s in shard_sizes]):
+            raise ValueError("need one digest per sample of every shard, and every shard's end offset")
+        self.digests, self.ends = digests, ends
         self.batch_size, self.mode, self.seed, self.accumulation = batch_size, mode, seed, accumulation
         self.interleave = interleave
         self.rank = dist.get_rank() if rank is None else rank
@@ -308,7 +366,7 @@ class TaskStream(IterableDataset):
         blocks = worker_blocks(plan.num_batches, workers)
         done, first_asked = replay_round_robin(blocks, self.consumed)
         worker = (first_asked + loader_worker) % workers  # so a resumed round robin continues the sequence
-        reader = ShardReader(self.urls, self.offsets, self.storage_options)
+        reader = ShardReader(self.urls, self.offsets, self.storage_options, self.digests, self.ends)
         template = None
         try:
             for batch in blocks[worker][done[worker] :]:
@@ -365,6 +423,16 @@ class TaskLoader:
         self.stream.resume(int(state["consumed"]))
 
 
+@functools.cache
+def _warn_unverified(index_url: str) -> None:
+    """Once per index: its shards are read without verification."""
+    logger.warning(
+        "%s records no per-sample checksums (shards built before they were recorded): its samples are read "
+        "without verifying them; rebuild the shards to have every read checked",
+        index_url,
+    )
+
+
 def open_task(
     sequence: TaskSequenceConfig,
     task_index: int | Sequence[int],
@@ -398,6 +466,9 @@ def open_task(
         entries.append(entry)
     sizes = [int(e["samples"]) for e in entries]
     offsets = [e["offsets"] for e in entries] if all("offsets" in e for e in entries) else None
+    verifiable = offsets is not None and all("sample_sha256" in e and "end" in e for e in entries)
+    if not verifiable:
+        _warn_unverified(sequence.url(sequence.index))
     expected = sum(getattr(sequence.tasks[t], split).samples for t in tasks)
     if sum(sizes) != expected:
         names = [sequence.tasks[t].name for t in tasks]
@@ -406,6 +477,8 @@ def open_task(
         urls,
         sizes,
         offsets=offsets,
+        digests=[e["sample_sha256"] for e in entries] if verifiable else None,
+        ends=[int(e["end"]) for e in entries] if verifiable else None,
         batch_size=batch_size,
         mode=mode,
         storage_options=sequence.storage_options,
