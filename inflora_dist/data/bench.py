@@ -7,7 +7,7 @@ dir, then measures, side by side in one run and best of --repeats:
   * raw:   tarfile.open(mode="r|") over every shard, reading each member's bytes;
   * local: TaskStream (webdataset tar iteration, decoding, batching, every sample's bytes verified
            against the index's digest) on the same files;
-  * local_unverified: the same without the verification (its cost: verify_cost = 1 - unverified / verified time);
+  * local_unverified: the same without the digests (verify_cost = 1 - unverified / verified time: the hashing);
   * s3:    TaskStream on the same shards through a local S3 API (moto_server on 127.0.0.1), verified.
 local_ratio = local samples/s / raw samples/s (our overhead over the raw read, verification on; goal >= 0.8).
 """

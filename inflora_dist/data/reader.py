@@ -187,6 +187,32 @@ def read_samples(stream: Any, url: str, skip: int, count: int) -> list[dict[str,
     return out
 
 
+def _plain_members(data: bytes, bounds: Sequence[int], url: str) -> list[dict[str, Any]] | None:
+    """The samples in `data` (sample i's members in [bounds[i], bounds[i + 1])), each member read straight from
+    its ustar header; None when a header is not a plain file with a short name (the tar iterator then reads
+    them). The bytes were verified against their digests, so they are what the shard builder wrote."""
+    samples = []
+    for start, stop in itertools.pairwise(bounds):
+        sample: dict[str, Any] = {"__url__": url}
+        pos = start
+        while pos < stop:
+            header = data[pos : pos + 512]
+            if header[156:157] not in (b"0", b"\0") or header[345:346] != b"\0":  # not a file, or a long name
+                return None
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            key, ext = base_plus_ext(name)
+            begin = pos + 512
+            if key is not None:
+                sample["__key__"] = key
+                sample[ext.lower()] = data[begin : begin + size]
+            pos = begin + (size + 511) // 512 * 512
+        if "__key__" not in sample:
+            return None
+        samples.append(sample)
+    return samples
+
+
 class ShardReader:
     """Reads segments of a split's shards through fsspec, keeping the last shard open.
 
@@ -223,14 +249,19 @@ class ShardReader:
             self._url = url
         offsets = self.offsets[segment.shard] if self.offsets else None
         self._file.seek(offsets[segment.start] if offsets else 0)
-        if offsets and self.digests is not None and self.ends is not None:
-            return read_samples(self._verified(segment, url, offsets), url, 0, segment.stop - segment.start)
+        if offsets and self.ends is not None:
+            data, bounds = self._ranged(segment, url, offsets)
+            samples = _plain_members(data, bounds, url)  # the members parsed in place: no second pass
+            if samples is None:  # long names or other header types: the tar iterator reads them
+                return read_samples(io.BytesIO(data), url, 0, segment.stop - segment.start)
+            return samples
         skip = 0 if offsets else segment.start
         return read_samples(self._file, url, skip, segment.stop - segment.start)
 
-    def _verified(self, segment: Segment, url: str, offsets: Sequence[int]) -> io.BytesIO:
-        """The segment's bytes, read at once, each sample checked against the index's digest."""
-        assert self.digests is not None and self.ends is not None
+    def _ranged(self, segment: Segment, url: str, offsets: Sequence[int]) -> tuple[bytes, list[int]]:
+        """The segment's bytes, read at once, each sample checked against the index's digest (if the index has
+        them), and the samples' boundaries in them."""
+        assert self.ends is not None
         bounds = [*offsets[segment.start : segment.stop + 1]]
         if segment.stop == len(offsets):
             bounds.append(self.ends[segment.shard])
@@ -239,7 +270,7 @@ class ShardReader:
         except Exception as err:
             raise ShardError.reading(url, None, f"{type(err).__name__}: {err}") from err
         view = memoryview(data)
-        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        for i, (a, b) in enumerate(itertools.pairwise(bounds) if self.digests is not None else ()):
             expected = self.digests[segment.shard][segment.start + i]
             got = sample_digest(view[a - bounds[0] : b - bounds[0]])
             if got != expected:
@@ -247,7 +278,7 @@ class ShardReader:
                     url, None, f"sample {segment.start + i} does not match the index (sha256 {got}..., the index "
                     f"has {expected}...): the shard changed after its index was written; rebuild it or restore it",
                 )  # fmt: skip
-        return io.BytesIO(data)
+        return data, [b - bounds[0] for b in bounds]
 
     def close(self) -> None:
         """Close the open shard, if any."""
@@ -298,6 +329,8 @@ class TaskStream(IterableDataset):
         self.offsets = [list(o) for o in offsets] if offsets is not None else None
         if digests is not None and (ends is None or [len(d) for d in digests] != [int(s) for s in shard_sizes]):
             raise ValueError("need one digest per sample of every shard, and every shard's end offset")
+        if ends is not None and (offsets is None or len(ends) != len(shard_sizes)):
+            raise ValueError("need the per-sample offsets with the shards' end offsets, one end per shard")
         self.digests, self.ends = digests, ends
         self.batch_size, self.mode, self.seed, self.accumulation = batch_size, mode, seed, accumulation
         self.interleave = interleave
@@ -466,7 +499,8 @@ def open_task(
         entries.append(entry)
     sizes = [int(e["samples"]) for e in entries]
     offsets = [e["offsets"] for e in entries] if all("offsets" in e for e in entries) else None
-    verifiable = offsets is not None and all("sample_sha256" in e and "end" in e for e in entries)
+    ranged = offsets is not None and all("end" in e for e in entries)
+    verifiable = ranged and all("sample_sha256" in e for e in entries)
     if not verifiable:
         _warn_unverified(sequence.url(sequence.index))
     expected = sum(getattr(sequence.tasks[t], split).samples for t in tasks)
@@ -478,7 +512,7 @@ def open_task(
         sizes,
         offsets=offsets,
         digests=[e["sample_sha256"] for e in entries] if verifiable else None,
-        ends=[int(e["end"]) for e in entries] if verifiable else None,
+        ends=[int(e["end"]) for e in entries] if ranged else None,
         batch_size=batch_size,
         mode=mode,
         storage_options=sequence.storage_options,
