@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -46,6 +47,31 @@ def finished(tmp_path_factory, shards) -> Path:
 
 def _run(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command(1, *overrides), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _run_until(when: str, act: Callable[[subprocess.Popen], None], *overrides: str) -> tuple[int, str]:
+    """Run one process; at its first output line containing `when`, call `act(process)`; (exit status, output)."""
+    proc = subprocess.Popen(command(1, *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if when in line:
+            act(proc)
+            break
+    log = "".join(lines) + proc.communicate(timeout=300)[0]
+    return proc.returncode, log
+
+
+def _own_copy(shards: Path, tmp_path: Path, edit: Callable[[dict], None] = lambda spec: None) -> tuple[Path, dict]:
+    """A copy of the shards whose tasks.yaml points at it, edited by `edit`; (its folder, the task spec)."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
+    spec["root"] = str(copy)
+    edit(spec)
+    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+    return copy, spec
 
 
 def test_a_second_run_into_the_same_directory_stops_at_once(shards, tmp_path):
@@ -187,16 +213,9 @@ def test_a_signal_mid_task_checkpoints_and_resumes_exactly(finished, shards, tmp
     the work under way completes to the next step boundary, the run checkpoints and exits 75 (130 after Ctrl-C);
     the rerun ends as the uninterrupted run."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(1, f"output_dir={out}", f"data.tasks={shards}/tasks.yaml"), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if when in line:
-            proc.send_signal(sig)
-            break
-    log = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == status, log[-3000:]
+    code, log = _run_until(when, lambda proc: proc.send_signal(sig), f"output_dir={out}",
+                           f"data.tasks={shards}/tasks.yaml")  # fmt: skip
+    assert code == status, log[-3000:]
     assert any(p.name.endswith("-preempted") for p in (out / "checkpoints").iterdir())
     again = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -250,13 +269,12 @@ def test_declared_classes_that_miss_the_shard_labels_stop_before_training(shards
     """tasks.yaml naming other classes for task 2 than its shards hold stops the run before task 0 trains,
     naming the task, the shard and the labels; before, two tasks trained and then the loss failed with
     'IndexError: Target -5 is out of bounds'."""
-    copy = tmp_path / "shards"
-    shutil.copytree(shards, copy)
-    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
-    spec["root"] = str(copy)
-    used = {c for task in spec["tasks"] for c in task["classes"]}
-    spec["tasks"][2]["classes"] = sorted(set(range(10)) - used)[:2]  # valid, unused classes: not its shards' labels
-    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+
+    def other_classes(spec: dict) -> None:
+        used = {c for task in spec["tasks"] for c in task["classes"]}
+        spec["tasks"][2]["classes"] = sorted(set(range(10)) - used)[:2]  # valid, unused: not its shards' labels
+
+    copy, _ = _own_copy(shards, tmp_path, other_classes)
     out = tmp_path / "run"
     proc = _run(f"output_dir={out}", f"data.tasks={copy}/tasks.yaml")
     assert proc.returncode != 0
@@ -269,23 +287,13 @@ def test_a_shard_changed_under_a_run_stops_it_before_training_on_it(shards, tmp_
     """Task 1's first training shard replaced by task 0's (a valid shard, other bytes) under its index: task 0
     trains and checkpoints; task 1's first read of it (its covariance pass, before training) stops the run
     with ShardError naming the task, the shard and the sample, exit 2; no checkpoint of task 1 is written."""
-    copy = tmp_path / "shards"
-    shutil.copytree(shards, copy)
-    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
-    spec["root"] = str(copy)
-    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+    copy, spec = _own_copy(shards, tmp_path)
     task0, task1 = (copy / spec["tasks"][t]["train"]["shards"][0] for t in (0, 1))
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(1, f"output_dir={out}", f"data.tasks={copy}/tasks.yaml"), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "stage 0: training" in line:
-            shutil.copyfile(task0, task1)  # while the run is under way
-            break
-    log = "".join(lines) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 2, log[-3000:]
+    # Replaced while the run is under way (task 0 training).
+    code, log = _run_until("stage 0: training", lambda proc: shutil.copyfile(task0, task1), f"output_dir={out}",
+                           f"data.tasks={copy}/tasks.yaml")  # fmt: skip
+    assert code == 2, log[-3000:]
     assert f"ShardError: stage 1 covariance: cannot read shard {task1}: sample 0 does not match the index" in log
     assert "Traceback" not in log
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]
@@ -293,11 +301,7 @@ def test_a_shard_changed_under_a_run_stops_it_before_training_on_it(shards, tmp_
 
 def test_a_changed_shard_stops_every_rank(shards, tmp_path):
     """Two ranks: the rank(s) reading a changed shard name it, and every rank stops with exit 2 (no hang)."""
-    copy = tmp_path / "shards"
-    shutil.copytree(shards, copy)
-    spec = yaml.safe_load((copy / "tasks.yaml").read_text())
-    spec["root"] = str(copy)
-    (copy / "tasks.yaml").write_text(yaml.safe_dump(spec))
+    copy, spec = _own_copy(shards, tmp_path)
     shutil.copyfile(copy / spec["tasks"][0]["train"]["shards"][0], copy / spec["tasks"][1]["train"]["shards"][-1])
     out = tmp_path / "run"
     args = command(2, f"output_dir={out}", f"data.tasks={copy}/tasks.yaml", "train.epochs=1")
