@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from inflora_dist import dist
+from inflora_dist.config import flatten
 from inflora_dist.errors import UserError
 from inflora_dist.inject import InjectionReport
 
@@ -111,22 +112,13 @@ def check_ranks_agree(items: Mapping[str, Any], context: str) -> None:
 _MAX_KEYS = 12
 
 
-def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b': leaf, 'tasks[0].name': leaf} of nested dicts and lists."""
-    if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
-    if isinstance(value, list) and value:
-        return {k: v for i, item in enumerate(value) for k, v in _leaves(item, f"{prefix.rstrip('.')}[{i}].").items()}
-    return {prefix.rstrip(".") or "(value)": value}
-
-
 def _value_differences(items: Mapping[str, Any]) -> list[str]:
     """'<item>: <key>: <value> (rank 0) vs <value> (rank 1)' for every differing key of the items' values,
     gathered from every rank. Collective: every rank passes the same item names."""
     lines = []
     gathered = dist.all_gather_json(list(items.values()))  # collective
     for i, name in enumerate(items):
-        leaves = [_leaves(per_rank[i]) for per_rank in gathered]
+        leaves = [flatten(per_rank[i], lists=True) for per_rank in gathered]
         keys = sorted(set().union(*leaves))
         diffs = []
         for key in keys:

@@ -188,12 +188,7 @@ class Checkpointer:
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A checkpoint's own state (tensors, meta), read without verifying it (see `Checkpointer.load`)."""
-    return load_file(str(path / "state.safetensors")), read_meta(path)
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON state: progress, metrics, config, task sequence (see the module docstring)."""
-    return json.loads((path / "state.json").read_text())
+    return load_file(str(path / "state.safetensors")), json.loads((path / "state.json").read_text())
 
 
 def check_resumable(
@@ -203,14 +198,14 @@ def check_resumable(
     tasks_file: str,
     records: list[dict[str, Any]],
     stages: Callable[[int], Sequence[Sequence[int]]],
-    method_problems: list[str],
+    method_problems: Callable[[dict[str, Any]], list[str]],
     world_size: int,
 ) -> None:
     """Refuse, before loading anything, a checkpoint this run cannot resume.
 
     `config` is this run's resolved config, `records` its task sequence
     (`data.spec.task_records`), `stages` its method's stage layout and
-    `method_problems` what the method itself refuses (`Method.resume_problems`).
+    `method_problems` what the method itself refuses (`Method.resume_problems`, given `meta`).
     Refused: fixed config keys that differ (`config.RESUME_FIXED_KEYS`); a task
     sequence that neither repeats nor continues the run's (its tasks first,
     unchanged, then new ones); more tasks where the method's stages of the run
@@ -229,7 +224,7 @@ def check_resumable(
             "format, sample counts, shard checksums); new tasks may follow them. Or start afresh: "
             "resume=never, or another output_dir"
         )
-    problems = resume_differences(meta["config"], config) + method_problems
+    problems = resume_differences(meta["config"], config) + method_problems(meta)
     if problems:
         raise ValueError(
             f"checkpoint {path} was written with another config; these change the saved state's shapes or "

@@ -372,14 +372,22 @@ RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_t
 _RESUME_FREE_MODEL_KEYS = ("model.max_new_tokens",)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a.b': value} for every leaf of nested mappings (lists are leaves)."""
+def flatten(tree: Any, lists: bool = False) -> dict[str, Any]:
+    """{'a.b': value} for every leaf of nested mappings; lists are leaves, or with `lists` are walked too
+    ('a[0].b'). A `tree` that is itself a leaf is the one key '(value)'."""
     out: dict[str, Any] = {}
-    for key, value in tree.items():
+
+    def walk(value: Any, key: str) -> None:
         if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif lists and isinstance(value, list) and value:
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
         else:
-            out[f"{prefix}{key}"] = value
+            out[key or "(value)"] = value
+
+    walk(tree, "")
     return out
 
 

@@ -198,10 +198,13 @@ class ContinualTrainer:
             except ShardError as err:
                 failure = f"{what}: {err.reason}"
             if dist.any_rank(bool(failure)):  # collective
-                gathered = dist.all_gather_json(failure)  # collective
-                raise ShardError("; ".join(f"rank {r}: {m}" if self.world > 1 else m for r, m in enumerate(gathered)
-                                           if m))  # fmt: skip
+                self._raise_unread(failure)
             yield batch
+
+    def _raise_unread(self, failure: str) -> None:
+        """Raise ShardError on every rank with each rank's read failure (empty: none on this rank). Collective."""
+        gathered = dist.all_gather_json(failure)  # collective
+        raise ShardError("; ".join(f"rank {r}: {m}" if self.world > 1 else m for r, m in enumerate(gathered) if m))
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
@@ -246,7 +249,7 @@ class ContinualTrainer:
         path, tensors, meta = loaded
         check_resumable(
             path, meta, to_dict(self.cfg), self.cfg.data.tasks, task_records(self.seq, self.index),
-            self.method.stages, self.method.resume_problems(meta) if "config" in meta else [], self.world,
+            self.method.stages, self.method.resume_problems, self.world,
         )  # fmt: skip
         saved_tasks = len(meta.get("task_sequence", self.seq.tasks))
         restore(self.workload, self.method, tensors, meta, path)
@@ -390,8 +393,10 @@ class ContinualTrainer:
 
         One collective per optimizer step, between the step's last backward and its
         update (`_step_sums`): the next step's units, this step's loss and its count
-        of non-finite micro-batch losses, and the pre-emption flags. A non-finite
-        loss on any rank so stops every rank before the update (NonFiniteLoss).
+        of non-finite micro-batch losses, the pre-emption flags and whether a rank
+        could not read the next step's data. A non-finite loss on any rank so stops
+        every rank before the update (NonFiniteLoss); a shard that cannot be read or
+        does not match its index stops them before the update too (ShardError).
         """
         cfg, a = self.cfg, self.accumulation
         tasks = self.stages[task]
@@ -401,8 +406,8 @@ class ContinualTrainer:
         tick, samples = time.perf_counter(), 0.0
         last_finite: tuple[int, float] | None = None
         steps = self._train_steps(loader)
-        current = next(steps, None)
-        units = self._step_sums(current, 0.0, 0)[0]  # collective: the first step's units
+        current, unread = self._next_step(steps)
+        units, *_ = self._step_sums(current, 0.0, 0, unread)  # collective: the first step's units
         engine.train()
         while current is not None:
             batches, position = current
@@ -422,8 +427,8 @@ class ContinualTrainer:
                 engine.backward(loss * scale if terms is None else loss * scale + terms)
                 if i < len(batches) - 1:
                     engine.step()  # accumulation micro-step: no update yet
-            current = next(steps, None)
-            next_units, loss_sum, bad_total, stop = self._step_sums(current, local_loss, bad)  # collective
+            current, unread = self._next_step(steps)
+            next_units, loss_sum, bad_total, stop = self._step_sums(current, local_loss, bad, unread)  # collective
             step_loss = loss_sum / max(units, 1.0)
             if bad_total:
                 bar.close()
@@ -462,18 +467,28 @@ class ContinualTrainer:
         """The remaining optimizer steps of the task: (prepared micro-batches, loader position after them)."""
         while loader.epoch < self.cfg.train.epochs:
             step: list[dict[str, torch.Tensor]] = []
-            for batch in self._agreed(loader, f"stage {self.progress.task} training"):
+            for batch in loader:
                 step.append(self.workload.prepare(batch))
                 if len(step) == self.accumulation:  # the plan pads whole steps
                     yield step, loader.state_dict()
                     step = []
 
-    def _step_sums(self, upcoming: Any, loss: float, bad: int) -> tuple[float, float, float, bool]:
+    def _next_step(self, steps: Iterator[Any]) -> tuple[Any, str]:
+        """(the next step's micro-batches, or None at the end; why this rank could not read them, or "")."""
+        try:
+            return next(steps, None), ""
+        except ShardError as err:
+            return None, f"stage {self.progress.task} training: {err.reason}"
+
+    def _step_sums(self, upcoming: Any, loss: float, bad: int, unread: str) -> tuple[float, float, float, bool]:
         """(units of the upcoming step, this step's summed loss, non-finite losses, stop requested), summed over
-        the ranks in one all-reduce. Collective."""
+        the ranks in one all-reduce; raises ShardError on every rank if any rank could not read the upcoming
+        step (`unread`). Collective."""
         units = float(sum(self.workload.units(b) for b in upcoming[0])) if upcoming is not None else 0.0
-        sums = torch.tensor([units, loss, float(bad), float(self._stop)], dtype=torch.float64)
+        sums = torch.tensor([units, loss, float(bad), float(self._stop), float(bool(unread))], dtype=torch.float64)
         sums = dist.all_reduce_sum_(sums.to(dist.collective_device())).tolist()
+        if sums[4]:
+            self._raise_unread(unread)  # collective: before this step's update
         return sums[0], sums[1], sums[2], sums[3] > 0
 
     def _non_finite_message(self, task: int, total: int, bad: int, last_finite: tuple[int, float] | None) -> str:

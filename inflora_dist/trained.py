@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, read_meta, read_state
+from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, read_state
 from inflora_dist.config import LANGUAGE_MODEL_KINDS, RunConfig, load_run_config
 from inflora_dist.data.spec import InstructionSpec, TaskSequenceConfig, TaskSpec
 from inflora_dist.engine import build_inference_engine, init_distributed
@@ -103,7 +103,7 @@ class TrainedRun:
         else:
             self.checkpoint = Path(checkpoint)
             Checkpointer.verify_once_per_node(self.checkpoint)  # collective
-        self.meta = read_meta(self.checkpoint)
+        tensors, self.meta = read_state(self.checkpoint)
         if self.meta["progress"]["phase"] != "start":
             raise ValueError(f"{self.checkpoint} was written mid-task: use a task-boundary checkpoint (*-done)")
         self.records: list[dict[str, Any]] = self.meta["task_sequence"]
@@ -116,8 +116,7 @@ class TrainedRun:
         #: the tasks the model has learned, in order (all of them when the method trains them in one stage)
         self.learned = [self.records[t]["name"] for tasks in self.method.stages(len(self.records))[:finished]
                         for t in tasks]  # fmt: skip
-        tensors, meta = read_state(self.checkpoint)
-        restore(self.workload, self.method, tensors, meta, self.checkpoint)
+        restore(self.workload, self.method, tensors, self.meta, self.checkpoint)
         self.report = self.method.report
         self.engine = build_inference_engine(self.workload.model, self.cfg)  # collective
         logger.info("%s: %d learned tasks (%s) from %s", self.run, len(self.learned), ", ".join(self.learned),

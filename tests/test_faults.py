@@ -299,15 +299,18 @@ def test_a_shard_changed_under_a_run_stops_it_before_training_on_it(shards, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]
 
 
-def test_a_changed_shard_stops_every_rank(shards, tmp_path):
-    """Two ranks: the rank(s) reading a changed shard name it, and every rank stops with exit 2 (no hang)."""
+@pytest.mark.parametrize(("method", "read_by"), [("inflora", "stage 1 covariance"), ("seq_lora", "stage 1 training")])
+def test_a_changed_shard_stops_every_rank(shards, tmp_path, method, read_by):
+    """Two ranks: the rank(s) reading a changed shard name it, and every rank stops with exit 2 (no hang), in
+    InfLoRA's covariance pass or, for seq-LoRA (no pass before training), in training before the step."""
     copy, spec = _own_copy(shards, tmp_path)
     shutil.copyfile(copy / spec["tasks"][0]["train"]["shards"][0], copy / spec["tasks"][1]["train"]["shards"][-1])
     out = tmp_path / "run"
-    args = command(2, f"output_dir={out}", f"data.tasks={copy}/tasks.yaml", "train.epochs=1")
+    args = command(2, f"output_dir={out}", f"data.tasks={copy}/tasks.yaml", "train.epochs=1", f"method={method}")
     proc = subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"[rank {rank}] train.py: error: ShardError: " in proc.stderr, proc.stderr[-3000:]
     assert "does not match the index" in proc.stderr and "exitcode  : 2" in proc.stderr
+    assert f": {read_by}: cannot read shard " in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]
