@@ -1,10 +1,12 @@
 """Use a trained run: classify images, or answer prompts.
 
     python -m inflora_dist.predict --run runs/demo shoe.png bag.jpg [--top-k 3]
+    python -m inflora_dist.predict --run runs/demo photos/     # every image file in the folder
     python -m inflora_dist.predict --run runs/demo_llm --prompt "Which language is this sentence in? ..."
     python -m inflora_dist.predict --run runs/demo_llm --prompts questions.jsonl > answers.jsonl
 
-A vision run prints one line per image: the path, the predicted class's name
+A vision run prints one line per image (a folder stands for the image files
+directly in it, by name): the path, the predicted class's name
 (the task spec's `class_names`, else `class <id>`) and its probability, the
 softmax over every class the run has learned (class-incremental prediction:
 no task id is needed); `--top-k` adds the runners-up. An LLM run prints the
@@ -33,6 +35,24 @@ from inflora_dist.errors import run_command
 from inflora_dist.trained import TrainedRun, add_run_arguments
 
 logger = logging.getLogger(__name__)
+
+#: Suffixes (any case) of the files a folder argument stands for.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_paths(paths: Sequence[str]) -> list[str]:
+    """`paths` with each folder replaced by the image files directly in it (IMAGE_SUFFIXES, any case), sorted by
+    name; other paths are kept as given. A folder holding no image file is a ValueError naming it."""
+    out = []
+    for path in paths:
+        if not Path(path).is_dir():
+            out.append(path)
+            continue
+        files = sorted(f for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if not files:
+            raise ValueError(f"folder {path} holds no image file ({' '.join(IMAGE_SUFFIXES)})")
+        out += [str(f) for f in files]
+    return out
 
 
 def image_batch(path: str | Path, channels: int) -> torch.Tensor:
@@ -85,7 +105,7 @@ def _prompt_rows(args: argparse.Namespace) -> list[dict[str, str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inflora_dist.predict", description=__doc__.split("\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("images", nargs="*", help="image files to classify (vision runs)")
+    parser.add_argument("images", nargs="*", help="image files, or folders of them, to classify (vision runs)")
     parser.add_argument("--top-k", type=int, default=1, help="classes to print per image (1)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt to answer (LLM runs); repeatable")
     parser.add_argument("--prompts", default=None, help='JSONL of {"prompt": ..., "task": ...} to answer')
@@ -98,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give image files (a vision run) or --prompt/--prompts (an LLM run)")
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    try:
+        args.images = image_paths(args.images)
+    except ValueError as err:
+        parser.error(str(err))
     missing = [p for p in [*args.images, *([args.prompts] if args.prompts else [])] if not Path(p).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")

@@ -11,19 +11,19 @@
 Writes under --out (any fsspec URL): `train/<task>-NNNNNN.tar`, `eval/<task>-NNNNNN.tar`,
 `index.json` (per shard: samples, bytes, sha256; per task: samples per split)
 and `tasks.yaml` (the task sequence, with `root` set to --out).
+
+Each source's reader is a module of inflora_dist.data.sources (or data/olora.py, data/superni.py,
+data/instruction_sources.py); this module is the command line and the writing of shards, index and sequence.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
-import io
 import json
 import logging
 import posixpath
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,18 @@ from tqdm import tqdm
 
 from inflora_dist.config import to_yaml
 from inflora_dist.data import superni
-from inflora_dist.data.images import read_image
 from inflora_dist.data.instruction_sources import demo_sequence
 from inflora_dist.data.olora import ORDERS, records_for_build
 from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
+from inflora_dist.data.sources.arrays import load_array
+from inflora_dist.data.sources.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    load_fashion_mnist,
+    read_idx,
+)
+from inflora_dist.data.sources.image_folder import IMAGE_SUFFIXES, ImageFolder, image_folder_data, split_by_class
+from inflora_dist.data.sources.records import RECORD_FORMATS, read_records
 from inflora_dist.data.spec import (
     METRICS,
     InstructionSpec,
@@ -49,166 +57,27 @@ from inflora_dist.data.spec import (
 from inflora_dist.errors import run_command
 from inflora_dist.runlock import RunLock
 
+__all__ = [  # the sources' readers stay importable from here
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "IMAGE_SUFFIXES",
+    "RECORD_FORMATS",
+    "ImageFolder",
+    "build_classification",
+    "build_from_config",
+    "build_instruction",
+    "image_folder_data",
+    "key_value_option",
+    "load_array",
+    "load_fashion_mnist",
+    "main",
+    "read_idx",
+    "read_records",
+    "split_by_class",
+    "split_classes",
+]
+
 logger = logging.getLogger(__name__)
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-# ---------------------------------------------------------------- sources
-def read_idx(path: str | Path) -> np.ndarray:
-    """An array from an IDX file (the MNIST format), gzipped or not."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = bytearray(f.read())  # writable, so arrays made from it are too
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, dtype=np.dtype(_IDX_DTYPES[data[2]]), offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values")
-    return array.reshape(shape)
-
-
-def load_fashion_mnist(directory: str | Path = FASHION_MNIST_DIR) -> dict[str, np.ndarray]:
-    """Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist installs them)."""
-    d = Path(directory)
-    names = {
-        "train_images": "train-images-idx3-ubyte",
-        "train_labels": "train-labels-idx1-ubyte",
-        "eval_images": "t10k-images-idx3-ubyte",
-        "eval_labels": "t10k-labels-idx1-ubyte",
-    }
-    out = {}
-    for key, stem in names.items():
-        path = next((p for p in (d / f"{stem}.gz", d / stem) if p.exists()), None)
-        if path is None:
-            raise FileNotFoundError(
-                f"{d / stem}(.gz) not found: install Fashion-MNIST (apt-get install dataset-fashion-mnist) "
-                "or pass --source"
-            )
-        out[key] = read_idx(path)
-    return out
-
-
-RECORD_FORMATS = "JSON Lines (.jsonl/.json), Parquet (.parquet), CSV (.csv), or a `datasets` save_to_disk folder"
-
-
-def _rows(path: Path, split: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, row) of every record of one source file or folder."""
-    if path.is_dir():  # a Hugging Face dataset saved with save_to_disk (the optional `datasets` package)
-        try:
-            from datasets import DatasetDict, load_from_disk
-        except ImportError:
-            raise ImportError(f"{path} is a folder: reading a saved dataset needs `pip install datasets`") from None
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            if split is None or split not in data:
-                raise ValueError(f"{path} holds splits {sorted(data)}: choose one with --split (got {split!r})")
-            data = data[split]
-        for i, row in enumerate(data):
-            yield f"{path}[{i}]", row
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # installed with `datasets`
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}[{i}]", row
-    elif path.suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            try:
-                for row in reader:
-                    yield f"{path}:{reader.line_num}", row
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({err.reason})") from None
-    elif path.suffix in (".jsonl", ".json"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-                if line.strip():
-                    try:
-                        yield f"{path}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{lineno}: not JSON ({err})") from None
-    else:
-        raise ValueError(f"{path}: unknown record source; expected {RECORD_FORMATS}")
-
-
-def read_records(
-    paths: Sequence[str | Path],
-    task_field: str | None = None,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    split: str | None = None,
-) -> dict[str, list[dict[str, str]]]:
-    """Records {prompt, response} grouped by task: by `task_field` if given, else one task per source (its stem).
-
-    Each source is one of RECORD_FORMATS; `split` picks the split of a saved
-    DatasetDict. A record missing a field is an error naming the source, the
-    record and the fields it has.
-    """
-    tasks: dict[str, list[dict[str, str]]] = {}
-    for source in paths:
-        path = Path(source)
-        for where, record in _rows(path, split):
-            try:
-                item = {"prompt": str(record[prompt_field]), "response": str(record[response_field])}
-                task = str(record[task_field]) if task_field else path.stem
-            except KeyError as err:
-                raise ValueError(f"{where}: no field {err} (the record has {sorted(record)})") from None
-            check_path_component(task, f"{where}: field {task_field!r}" if task_field else f"{path}: file name")
-            tasks.setdefault(task, []).append(item)
-    return tasks
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class ImageFolder:
-    """Images in one sub-folder per class (ImageNet-R, DomainNet, ... on the user's disk).
-
-    Classes are the sorted sub-folder names, ids 0..C-1. Items are re-encoded
-    as JPEG at `image_size` x `image_size` (so a batch stacks), read lazily.
-    """
-
-    def __init__(self, root: str | Path, image_size: int = 224, quality: int = 95) -> None:
-        self.root, self.image_size, self.quality = Path(root), image_size, quality
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"{root} has no class sub-folders")
-        self.files = [
-            (f, c)
-            for c, name in enumerate(self.classes)
-            for f in sorted((self.root / name).rglob("*"))
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        self.labels = np.array([c for _, c in self.files], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> bytes:
-        from PIL import Image
-
-        pixels = read_image(self.files[index][0], channels=3)  # 16-bit scaled, other modes converted
-        im = Image.fromarray(pixels).resize((self.image_size, self.image_size), Image.BICUBIC)
-        out = io.BytesIO()
-        im.save(out, format="JPEG", quality=self.quality)
-        return out.getvalue()
-
-
-def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded (train, eval) split of range(n)."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_eval = round(n * eval_fraction)
-    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
 # ---------------------------------------------------------------- builders
@@ -425,7 +294,9 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("imagefolder", help="one sub-folder of images per class -> class-incremental tasks")
     im.add_argument("--root", required=True, help="folder with one sub-folder per class (e.g. ImageNet-R)")
     im.add_argument("--eval-root", default=None, help="a separate eval folder; else --eval-fraction of --root")
-    im.add_argument("--eval-fraction", type=float, default=0.2, help="seeded eval share when no --eval-root (0.2)")
+    im.add_argument(
+        "--eval-fraction", type=float, default=0.2, help="seeded eval share of each class when no --eval-root (0.2)"
+    )
     im.add_argument("--image-size", type=int, default=224, help="images are resized to this square (224)")
     classification(im)
     ar = sub.add_parser("arrays", help=".npy image and label arrays -> class-incremental tasks")
@@ -467,44 +338,6 @@ def _parser() -> argparse.ArgumentParser:
     sn.add_argument("--max-eval-per-task", type=int, default=None, help="seeded subset of test.json (default all)")
     common(sn)
     return p
-
-
-class _Subset:
-    """Items `indices` of an indexable dataset."""
-
-    def __init__(self, items: Any, indices: np.ndarray) -> None:
-        self.items, self.indices = items, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.items[int(self.indices[i])]
-
-
-def _load_array(path: str) -> np.ndarray:
-    """An .npy array (never unpickled); NaN or inf values are refused naming the file and the first sample."""
-    array = np.load(path, allow_pickle=False)
-    if np.issubdtype(array.dtype, np.floating) and array.size:
-        finite = np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            raise ValueError(f"{path}: sample {bad[0]} holds NaN or inf ({len(bad)} such samples of {len(array)})")
-    return array
-
-
-def _image_folders(args: argparse.Namespace) -> dict[str, Any]:
-    train = ImageFolder(args.root, args.image_size)
-    if args.eval_root:
-        evaluation = ImageFolder(args.eval_root, args.image_size)
-        if evaluation.classes != train.classes:
-            raise ValueError(f"{args.eval_root} and {args.root} have different class folders")
-        return {"train_images": train, "train_labels": train.labels, "eval_images": evaluation,
-                "eval_labels": evaluation.labels, "class_names": train.classes}  # fmt: skip
-    tr, ev = split_indices(len(train), args.eval_fraction, args.seed)
-    return {"train_images": _Subset(train, tr), "train_labels": train.labels[tr],
-            "eval_images": _Subset(train, ev), "eval_labels": train.labels[ev],
-            "class_names": train.classes}  # fmt: skip
 
 
 def build_from_config(build: Mapping[str, Any], out: Path) -> TaskSequenceConfig:
@@ -560,11 +393,14 @@ def _build(args: argparse.Namespace) -> TaskSequenceConfig:
         if args.command == "fashion-mnist":
             data, names = load_fashion_mnist(args.source), FASHION_MNIST_CLASSES
         elif args.command == "imagefolder":
-            data = _image_folders(args)
+            data = image_folder_data(
+                args.root, args.eval_root, eval_fraction=args.eval_fraction, image_size=args.image_size,
+                seed=args.seed, num_tasks=args.tasks, classes_per_task=args.classes_per_task,
+            )  # fmt: skip
             names = data.pop("class_names")
         else:
             keys = ("train_images", "train_labels", "eval_images", "eval_labels")
-            data = {k: _load_array(getattr(args, k)) for k in keys}
+            data = {k: load_array(getattr(args, k)) for k in keys}
             names = args.class_names.split(",") if args.class_names else None
         config = build_classification(
             (data["train_images"], data["train_labels"]),
