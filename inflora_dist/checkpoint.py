@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from inflora_dist import dist
 from inflora_dist.config import resume_differences
 from inflora_dist.data.spec import continuation_error
-from inflora_dist.errors import UserError
+from inflora_dist.errors import UserError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CheckpointCorrupt(UserError, RuntimeError):
     """A checkpoint's files do not match its manifest (or the manifest is unreadable)."""
 
 
-class CheckpointWriteError(UserError, OSError):
+class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (a full disk, a quota); the ones before it are untouched."""
 
 
@@ -114,8 +115,10 @@ class Checkpointer:
             if engine is not None:
                 engine.save_checkpoint(str(tmp / "engine"), tag="engine")  # collective
             (tmp / f"rng.{dist.get_rank()}.json").write_text(json.dumps(rng_state()))
-        except OSError as err:
-            failure = f"rank {dist.get_rank()}: {err}"
+        except (OSError, RuntimeError) as err:
+            # torch.save, inside DeepSpeed's save_checkpoint, reports a full disk as a RuntimeError from its
+            # stream writer ("unexpected pos", "basic_ios::clear: iostream error"), not as an OSError.
+            failure = f"rank {dist.get_rank()}: {type(err).__name__}: {err}"
         self._agree(failure, name, tmp, done)  # collective: every rank's files are written
         if dist.is_main_process():
             try:
@@ -128,8 +131,8 @@ class Checkpointer:
                 os.replace(tmp, self.root / name)
                 for old in self.complete()[: -self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
-            except OSError as err:
-                failure = f"rank 0: {err}"
+            except (OSError, SafetensorError) as err:
+                failure = f"rank 0: {type(err).__name__}: {err}"
         self._agree(failure, name, tmp, done)  # collective: the checkpoint is in place before anyone goes on
         return self.root / name
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -273,6 +273,17 @@ def sum_in_buckets_(segments: Sequence[Segment], bucket_bytes: int, dst: int | N
     if fill:
         flush()
     return count
+
+
+def raise_agreed(failure: str, error: Callable[[str], BaseException]) -> None:
+    """Raise `error(message)` on every rank if `failure` is non-empty on any rank; the message joins each
+    failing rank's `failure` (named by rank when several run). Collective: one all-reduce, plus an all-gather
+    only when a rank failed."""
+    if not any_rank(bool(failure)):
+        return
+    failures = all_gather_json(failure)
+    several = get_world_size() > 1
+    raise error("; ".join(f"rank {r}: {m}" if several else m for r, m in enumerate(failures) if m))
 
 
 def barrier() -> None:

@@ -21,13 +21,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-import deepspeed
 import torch
 import torch.distributed as tdist
 from torch import nn
 
 from inflora_dist.config import RunConfig
 from inflora_dist.dist import free_port
+
+# DeepSpeed logs to stdout through a handler bound as it is imported, and prints op builds there: a command's
+# stdout is for its results (a table, answers, JSONL), so DeepSpeed's set-up goes to stderr.
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +49,8 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        with contextlib.redirect_stdout(sys.stderr):  # its CPU all-reduce op prints "built successfully"
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -20,8 +20,17 @@ from typing import NoReturn
 USER_ERROR_EXIT_CODE = 2
 
 
+#: Exit status after Ctrl-C (128 + SIGINT, the shell's convention).
+INTERRUPTED_EXIT_CODE = 130
+
+
 class UserError(Exception):
     """Base of our exceptions caused by the user's input or environment: their message names the cause."""
+
+
+class WriteError(UserError, OSError):
+    """A file or folder of a run could not be written (a full disk, a quota, an I/O error): the message names
+    the path and the cause; what was complete before is untouched and the partial output was removed."""
 
 
 #: What input and environment raise besides our own errors.
@@ -33,17 +42,29 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def run_command(main: Callable[[], object], exit: Callable[[int], NoReturn] = sys.exit) -> NoReturn:
     """Run an entry point's `main` and exit with the status it returns (0 if it returns anything else: figures,
     a task sequence); a user error is printed as one line and exits USER_ERROR_EXIT_CODE on every rank that
-    raised it (see the module docstring)."""
+    raised it (see the module docstring); a Ctrl-C that reached the command (a second one, or one where no
+    handler checkpoints) prints one line and exits INTERRUPTED_EXIT_CODE."""
     try:
         result = main()
         code = result if isinstance(result, int) else 0
     except USER_ERRORS as err:
         if os.environ.get("INFLORA_DEBUG") == "1":
             traceback.print_exc()
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
         message = str(err) or "(no message)"
-        print(f"{where}{os.path.basename(sys.argv[0]) or 'inflora_dist'}: error: {type(err).__name__}: {message}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(f"{_prefix()}{_command()}: error: {type(err).__name__}: {message}", file=sys.stderr, flush=True)
         code = USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        if os.environ.get("INFLORA_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"{_prefix()}{_command()}: interrupted", file=sys.stderr, flush=True)
+        code = INTERRUPTED_EXIT_CODE
     exit(code)
+
+
+def _prefix() -> str:
+    """'[rank N] ' when several ranks run the command, else ''."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def _command() -> str:
+    return os.path.basename(sys.argv[0]) or "inflora_dist"

@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         print(format_report(result))
-        print(f"wrote {out}", flush=True)
+        logger.info("wrote %s", out)
     shutdown_distributed()
     return 0
 

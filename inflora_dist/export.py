@@ -27,10 +27,14 @@ layout PEFT's `save_pretrained` produces (checked against peft 0.21 in the tests
 `written_atomically(target)` makes a folder export atomic: it is written into a
 temporary folder beside the target and renamed into place when complete, an
 earlier export there is replaced whole, and a failed write removes the partial
-folder and raises ExportWriteError naming the folder and the cause. The
-trainer and `export_model` write the PEFT adapter and the merged model through
-it; the single-file exports (continual state, class statistics) are each
-written to a temporary file and renamed.
+folder and raises ExportWriteError naming the folder and the cause. An export
+owns only its folder: the target must be absent, an empty folder, or an earlier
+export (its marker file, `EXPORT_MARKER`, lists every entry it wrote); anything
+else (a file, a run directory, a folder holding a run or other files) is
+refused before anything is written (`check_export_target`, ExportTargetRefused).
+The trainer and `export_model` write the PEFT adapter and the merged model
+through it; the single-file exports (continual state, class statistics) are
+each written to a temporary file and renamed.
 
 The continual state, class statistics and heads are read from what every rank
 holds (A is a buffer, the memories are broadcast by `InfLoRA`, the statistics
@@ -59,7 +63,7 @@ from torch import nn
 from inflora_dist import dist
 from inflora_dist.class_stats import ClassStatistics
 from inflora_dist.continual import InfLoRA
-from inflora_dist.errors import UserError
+from inflora_dist.errors import UserError, WriteError
 from inflora_dist.inject import InjectionReport
 from inflora_dist.layer import FROZEN, MERGED, TRAINING, UNUSED, InfLoRALinear
 
@@ -77,6 +81,12 @@ CLASSIFIER_VERSION = 1
 HEADS_NAME = "heads.safetensors"
 CLASSES_NAME = "classes.json"
 
+#: The file a folder export writes last, listing its entries: it marks the folder as an export that a later
+#: export may replace whole.
+EXPORT_MARKER = "inflora_export.json"
+EXPORT_FORMAT = "inflora_dist.export"
+EXPORT_VERSION = 1
+
 #: File names of a PEFT adapter directory.
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,24 +94,85 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 _STATUS_NAMES = {UNUSED: "unused", TRAINING: "training", FROZEN: "frozen", MERGED: "merged"}
 
 
-class ExportWriteError(UserError, OSError):
+class ExportWriteError(WriteError):
     """An export could not be written (a full disk, a quota): the partial output was removed, and what the
     target held before is untouched."""
+
+
+class ExportTargetRefused(UserError, ValueError):
+    """An export's target holds something that is not an earlier export: nothing was written or removed."""
+
+
+def check_export_target(target: str | Path) -> None:
+    """Refuse, naming the path and why, a folder export target that is not the export's to replace: it must
+    be absent, an empty folder, or an earlier export whose marker (`EXPORT_MARKER`) lists every entry the
+    folder holds. A file, a symbolic link, a run directory, a folder holding a run or anything else is
+    refused (ExportTargetRefused)."""
+    target = Path(target)
+    if target.is_symlink():
+        raise ExportTargetRefused(f"export target {target} is a symbolic link: name a folder of its own")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ExportTargetRefused(f"export target {target} is a file, not an export folder: name another path")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    listed = _export_entries(target / EXPORT_MARKER)
+    if listed is None:
+        what = "is a run directory" if {"config.yaml", "checkpoints"} <= set(entries) else "is not an export"
+        raise ExportTargetRefused(
+            f"export target {target} {what}: it holds {_some(entries)} and no {EXPORT_MARKER} (the mark of an "
+            "earlier export, which an export replaces whole); name a new or empty folder"
+        )
+    foreign = sorted(set(entries) - set(listed) - {EXPORT_MARKER})
+    if foreign:
+        raise ExportTargetRefused(
+            f"export target {target} is an earlier export that also holds {_some(foreign)}, which the export did "
+            "not write and replacing it would delete: move them out, or name a new or empty folder"
+        )
+
+
+def _export_entries(marker: Path) -> list[str] | None:
+    """The entries an export marker lists; None when `marker` is missing or not one of ours."""
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or content.get("format") != EXPORT_FORMAT:
+        return None
+    return [str(name) for name in content.get("entries", [])]
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """'a, b, c' (and 'and N more')."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 @contextlib.contextmanager
 def written_atomically(target: str | Path) -> Iterator[Path]:
     """A fresh temporary folder beside `target` to write a folder export into; when the block completes it
-    replaces `target` whole (no file of an earlier export survives).
+    replaces `target` whole (no file of an earlier export survives), with the marker that lets a later
+    export replace it in turn.
 
-    A write that fails on the main process (OSError, SafetensorError) removes the
-    partial folder, leaves `target` as it was and raises ExportWriteError naming
-    the folder and the cause, on every rank (an all-reduce as the block starts
-    and one as it ends: collective; only the main process touches the file system).
+    A target that is not an earlier export (`check_export_target`) is refused on
+    every rank before anything is written. A write that fails on the main
+    process (OSError, SafetensorError) removes the partial folder, leaves
+    `target` as it was and raises ExportWriteError naming the folder and the
+    cause, on every rank (an all-reduce as the block starts and one as it ends:
+    collective; only the main process touches the file system).
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.partial"
-    main, failure = dist.is_main_process(), ""
+    main, refused, failure = dist.is_main_process(), "", ""
+    if main:
+        try:
+            check_export_target(target)
+        except ExportTargetRefused as err:
+            refused = str(err)
+    if dist.any_rank(bool(refused)):  # collective
+        raise ExportTargetRefused(refused or f"export target {target} was refused on the main process")
     if main:
         try:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed
@@ -119,6 +190,8 @@ def written_atomically(target: str | Path) -> Iterator[Path]:
         raise
     if main and not failure:
         try:
+            entries = sorted(p.name for p in tmp.iterdir())
+            _write_json(tmp / EXPORT_MARKER, {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "entries": entries})
             _replace_folder(tmp, target)
         except OSError as err:
             failure = f"{type(err).__name__}: {err}"

@@ -8,6 +8,12 @@ learned branch merged into the weights (W + sum_t B_t A_t, in the base dtype,
 sharded safetensors), with the tokenizer for an LLM, and `heads.safetensors` +
 `classes.json` for a vision run. The model is the run's after its newest
 finished task (trained.py).
+
+`--out` must be absent, an empty folder or an earlier export (its
+`inflora_export.json` lists what it wrote): anything else, a file, the run
+directory, a folder holding a run or other files, is refused before anything
+is read or written (export.check_export_target), so an export never deletes
+what is not its own.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 from inflora_dist import dist
 from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.errors import run_command
-from inflora_dist.export import written_atomically
+from inflora_dist.export import check_export_target, written_atomically
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 
 
@@ -30,8 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default=None, help="safetensors shard size (default: the run's export)")
     args = parser.parse_args(argv)
     configure_logging()
+    out = Path(args.out or Path(args.run) / "model")
+    check_export_target(out)  # before the model is built: minutes saved, nothing written
     trained = TrainedRun(args.run, args.checkpoint)
-    out = Path(args.out or trained.run / "model")
     shard = args.max_shard_size or trained.cfg.export.max_shard_size
     with written_atomically(out) as folder:  # collective; an earlier export at `out` is replaced whole
         trained.workload.export_model(trained.report, folder, shard)  # collective under ZeRO-3

@@ -27,11 +27,12 @@ rank 0 logs, draws progress bars and writes files other than checkpoint shards.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,27 +44,29 @@ from tqdm import tqdm
 from inflora_dist import __version__, dist
 from inflora_dist.agreement import check_ranks_agree, frozen_weights, tensors_digest
 from inflora_dist.checkpoint import STATS_PREFIX, CheckpointCorrupt, Checkpointer, check_resumable
-from inflora_dist.config import RunConfig, to_dict, to_yaml
+from inflora_dist.config import RunConfig, WandbConfig, to_dict
 from inflora_dist.covariance import CovarianceCollector, TokenBudget, restrict_mask
 from inflora_dist.data import ShardError, TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import build_from_config
 from inflora_dist.data.spec import check_classes, task_records
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
-from inflora_dist.errors import UserError
-from inflora_dist.export import export_class_statistics, export_peft_adapter, written_atomically
+from inflora_dist.errors import INTERRUPTED_EXIT_CODE, UserError, WriteError
+from inflora_dist.export import check_export_target, export_class_statistics, export_peft_adapter, written_atomically
 from inflora_dist.inject import count_parameters
 from inflora_dist.methods import Stage, assemble, restore
 from inflora_dist.metrics import save_metrics
 from inflora_dist.monitor import Monitor, memory_mb_per_rank
+from inflora_dist.run_record import describe, record_resume, record_start
 from inflora_dist.runlock import RunDirectoryLocked, RunLock
 from inflora_dist.workloads import score_task
+from inflora_dist.writes import write_json
 
 logger = logging.getLogger(__name__)
 
 #: Exit status after a pre-emption signal (SIGTERM, SIGUSR1) was handled: checkpoint written, requeue me.
 PREEMPTED_EXIT_CODE = 75
-#: Exit status after Ctrl-C (SIGINT) was handled the same way (128 + SIGINT, the shell's convention).
-INTERRUPTED_EXIT_CODE = 130
+#: What a finished run's exports record: the checkpoint they were written from (a rerun then writes nothing).
+EXPORTS_NAME = "exports.json"
 
 
 @dataclass
@@ -93,6 +96,16 @@ class ContinualTrainer:
         self.out = Path(cfg.output_dir)
         self.lock = RunLock(self.out, cfg.checkpoint.lock_stale_after_s)
         self._take_run_directory()  # collective: before anything is written
+        try:
+            self._prepare()
+        except BaseException:
+            if dist.is_main_process():  # a refused start leaves the directory free
+                self.lock.release()
+            raise
+
+    def _prepare(self) -> None:
+        """Everything before the first stage: the task sequence, the model and method, the resume, the records."""
+        cfg = self.cfg
         self.seq = self._task_sequence()
         self.index = self.seq.load_index()
         unchecked = check_classes(self.seq, self.index)  # before anything trains: labels beyond a task's classes
@@ -120,10 +133,16 @@ class ContinualTrainer:
         self.timings: list[dict[str, float]] = []  # per stage: seconds of training, class statistics, alignment
         self.progress = Progress()
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.checkpoint.keep)
+        self._resume_path: Path | None = None
+        self._resume_config: dict[str, Any] | None = None
         run_id = self._resume()
-        if dist.is_main_process():  # after the resume checks: a refused config must not replace the run's own
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
-        self.monitor = Monitor(cfg.wandb, self.out, asdict(cfg), run_id)
+        #: a finished run whose exports were written from its last checkpoint: a rerun writes nothing
+        self.done = self._exported()
+        if not self.done:
+            self._check_export_targets()  # collective: before anything is written
+            self._write_on_main(self._record_config)  # collective; after the resume checks: a refused config
+        self.monitor = Monitor(cfg.wandb if not self.done else WandbConfig(enabled=False), self.out, asdict(cfg),
+                               run_id)  # fmt: skip
         self._stop, self._interrupted = False, False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._request_stop)
@@ -144,6 +163,53 @@ class ContinualTrainer:
                 failure = str(err)
         if dist.any_rank(bool(failure)):  # collective
             raise RunDirectoryLocked(failure or f"run directory {self.out} is in use by another run (see rank 0)")
+
+    def _exported(self) -> bool:
+        """Whether every stage is done and the exports were written from the checkpoint resumed."""
+        if self._resume_path is None or self.progress.task < len(self.stages):
+            return False
+        try:
+            recorded = json.loads((self.out / EXPORTS_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(recorded, dict) and recorded.get("checkpoint") == self._resume_path.name
+
+    def _check_export_targets(self) -> None:
+        """Refuse, before anything is written, export folders that hold what is not an earlier export of this
+        run (export.check_export_target). Collective (one all-reduce)."""
+        targets = ["peft_adapter"] * self.method.trains + ["model"] * self.cfg.export.merged_model
+        refused = ""
+        if dist.is_main_process():
+            try:
+                for name in targets:
+                    check_export_target(self.out / name)
+            except UserError as err:
+                refused = str(err)
+        dist.raise_agreed(refused, ValueError)  # collective
+
+    def _write_on_main(self, write: Callable[[], object]) -> None:
+        """Run `write` on the main process only; a file it could not write (WriteError: a full disk) stops every
+        rank with that error. Collective (one all-reduce)."""
+        failure = ""
+        if dist.is_main_process():
+            try:
+                write()
+            except WriteError as err:
+                failure = str(err)
+        dist.raise_agreed(failure, WriteError)  # collective
+
+    def _record_config(self) -> None:
+        """config.yaml when the run starts afresh; on a resume, the keys changed since the checkpoint were written
+        (run_record). Main process only."""
+        if self._resume_path is None:
+            record_start(self.out, self.cfg)
+            return
+        if self._resume_config is None:  # a checkpoint older than config records: nothing to compare with
+            return
+        position = (self.progress.task, self.progress.step)
+        changes = record_resume(self.out, self._resume_config, self.cfg, to_dict(self.cfg), position)
+        if changes:
+            logger.info("config changed on resume (recorded in config_changes.json): %s", describe(changes))
 
     def _task_sequence(self) -> TaskSequenceConfig:
         cfg = self.cfg.data
@@ -257,7 +323,7 @@ class ContinualTrainer:
         self.zero_shot = meta.get("zero_shot")
         self.timings = meta["timings"]
         self.progress = Progress(**meta["progress"])
-        self._resume_path = path
+        self._resume_path, self._resume_config = path, meta.get("config")
         logger.info("resumed from %s: task %d, phase %s", path, self.progress.task, self.progress.phase)
         if saved_tasks < self.num_tasks:
             logger.info(
@@ -409,58 +475,58 @@ class ContinualTrainer:
         current, unread = self._next_step(steps)
         units, *_ = self._step_sums(current, 0.0, 0, unread)  # collective: the first step's units
         engine.train()
-        while current is not None:
-            batches, position = current
-            # The loss is a mean over the step's units (real rows, or response tokens) on every rank, whatever
-            # the ranks and accumulation: DeepSpeed divides by `a` and averages over ranks, so each micro-batch's
-            # summed loss is scaled by a * world / (the step's units, all ranks).
-            scale = a * self.world / max(units, 1.0)
-            local_loss, bad = 0.0, 0
-            for i, batch in enumerate(batches):
-                loss = self.workload.loss(engine, batch, tasks)
-                value = float(loss.detach())
-                bad += not math.isfinite(value)
-                local_loss += value if math.isfinite(value) else 0.0
-                # The method's terms (regularisers) count once per step: DeepSpeed divides by `a` and averages
-                # the ranks, as for the loss of the reference implementations.
-                terms = self.method.loss_terms()
-                engine.backward(loss * scale if terms is None else loss * scale + terms)
-                if i < len(batches) - 1:
-                    engine.step()  # accumulation micro-step: no update yet
-            current, unread = self._next_step(steps)
-            next_units, loss_sum, bad_total, stop = self._step_sums(current, local_loss, bad, unread)  # collective
-            step_loss = loss_sum / max(units, 1.0)
-            if bad_total:
-                bar.close()
-                raise NonFiniteLoss(self._non_finite_message(task, total, int(bad_total), last_finite))
-            engine.step()  # the update
-            last_finite = (self.progress.step + 1, step_loss)
-            samples += sum(float(b["weight"].sum()) for b in batches)
-            self.progress.step += 1
-            self.progress.global_step += 1
-            self.progress.loader = position
-            bar.update(1)
-            if self.progress.step % cfg.train.log_every == 0:
-                elapsed = time.perf_counter() - tick
-                values = {
-                    "train/loss": step_loss,  # the step's mean over all ranks' units
-                    "train/lr": engine.get_lr()[0],
-                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "train/samples_per_s": samples * self.world / max(elapsed, 1e-9),
-                    "task": task,
-                }
-                bar.set_postfix(loss=f"{step_loss:.3f}")
-                self.monitor.log(values, self.progress.global_step)
-                tick, samples = time.perf_counter(), 0.0
-            every = cfg.checkpoint.every_steps
-            if every and self.progress.step % every == 0:
-                self._save(f"task{task}-step{self.progress.step}", engine)
-            if stop:
-                self._save(f"task{task}-step{self.progress.step}-preempted", engine)
-                bar.close()
-                return False
-            units = next_units
-        bar.close()
+        try:
+            while current is not None:
+                batches, position = current
+                # The loss is a mean over the step's units (real rows, or response tokens) on every rank, whatever
+                # the ranks and accumulation: DeepSpeed divides by `a` and averages over ranks, so each micro-batch's
+                # summed loss is scaled by a * world / (the step's units, all ranks).
+                scale = a * self.world / max(units, 1.0)
+                local_loss, bad = 0.0, 0
+                for i, batch in enumerate(batches):
+                    loss = self.workload.loss(engine, batch, tasks)
+                    value = float(loss.detach())
+                    bad += not math.isfinite(value)
+                    local_loss += value if math.isfinite(value) else 0.0
+                    # The method's terms (regularisers) count once per step: DeepSpeed divides by `a` and averages
+                    # the ranks, as for the loss of the reference implementations.
+                    terms = self.method.loss_terms()
+                    engine.backward(loss * scale if terms is None else loss * scale + terms)
+                    if i < len(batches) - 1:
+                        engine.step()  # accumulation micro-step: no update yet
+                current, unread = self._next_step(steps)
+                next_units, loss_sum, bad_total, stop = self._step_sums(current, local_loss, bad, unread)  # collective
+                step_loss = loss_sum / max(units, 1.0)
+                if bad_total:
+                    raise NonFiniteLoss(self._non_finite_message(task, total, int(bad_total), last_finite))
+                engine.step()  # the update
+                last_finite = (self.progress.step + 1, step_loss)
+                samples += sum(float(b["weight"].sum()) for b in batches)
+                self.progress.step += 1
+                self.progress.global_step += 1
+                self.progress.loader = position
+                bar.update(1)
+                if self.progress.step % cfg.train.log_every == 0:
+                    elapsed = time.perf_counter() - tick
+                    values = {
+                        "train/loss": step_loss,  # the step's mean over all ranks' units
+                        "train/lr": engine.get_lr()[0],
+                        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "train/samples_per_s": samples * self.world / max(elapsed, 1e-9),
+                        "task": task,
+                    }
+                    bar.set_postfix(loss=f"{step_loss:.3f}")
+                    self.monitor.log(values, self.progress.global_step)
+                    tick, samples = time.perf_counter(), 0.0
+                every = cfg.checkpoint.every_steps
+                if every and self.progress.step % every == 0:
+                    self._save(f"task{task}-step{self.progress.step}", engine)
+                if stop:
+                    self._save(f"task{task}-step{self.progress.step}-preempted", engine)
+                    return False
+                units = next_units
+        finally:
+            bar.close()  # before any error line: the bar's text would prefix it
         return True
 
     def _train_steps(self, loader: TaskLoader) -> Iterator[tuple[list[dict[str, torch.Tensor]], dict[str, int]]]:
@@ -573,9 +639,11 @@ class ContinualTrainer:
         return True
 
     def _report(self) -> None:
-        """metrics.json, the printed scores, plots and W&B after a stage (rank 0)."""
-        if not dist.is_main_process():
-            return
+        """metrics.json, the printed scores, plots and W&B after a stage (rank 0); a file that cannot be written
+        stops every rank with WriteError. Collective (one all-reduce)."""
+        self._write_on_main(self._write_report)  # collective
+
+    def _write_report(self) -> None:
         values: dict[str, Any] = {"time/post_covariance_pass_s": self.timings[-1].get("update_pass_s", 0.0)}
         values.update({f"time/{k}": v for k, v in self.timings[-1].items()})
         values.update(self.method.log_values())
@@ -600,8 +668,12 @@ class ContinualTrainer:
     # ------------------------------------------------------------------ entry
     def run(self) -> int:
         """Train the remaining tasks; returns the process exit status (0, PREEMPTED_EXIT_CODE, or
-        INTERRUPTED_EXIT_CODE after Ctrl-C)."""
+        INTERRUPTED_EXIT_CODE after Ctrl-C). A finished, exported run writes nothing."""
         try:
+            if self.done:
+                logger.info("%s is finished and exported (%s): nothing to train or write; export_model writes "
+                            "other exports of it", self.out, EXPORTS_NAME)  # fmt: skip
+                return 0
             for stage in range(self.progress.task, len(self.stages)):
                 if self._stop_agreed():  # collective: a signal during the last task's post-training work
                     logger.warning("pre-empted before stage %d: its last checkpoint is complete, exiting", stage)
@@ -617,19 +689,23 @@ class ContinualTrainer:
                 self.lock.release()
 
     def _export(self) -> None:
-        """continual_state and class_statistics (.safetensors + .json), the PEFT adapter, and with
-        export.merged_model a plain transformers model (model/).
+        """continual_state and class_statistics (.safetensors + .json), the PEFT adapter, with
+        export.merged_model a plain transformers model (model/), then exports.json naming the checkpoint
+        they came from. A file that cannot be written stops every rank with WriteError.
 
         Collective under ZeRO-3 (B, and for the merged model every parameter, is gathered).
         """
         classes = self.workload.classes
-        if dist.is_main_process():
+
+        def write_files() -> None:
             self.method.export(self.out, ["+".join(self.names[t] for t in tasks) for tasks in self.stages])
             if classes is not None:
                 export_class_statistics(
                     classes.statistics, self.out / "class_statistics.safetensors", classes.class_ids,
                     classes.offsets, self.names,
                 )  # fmt: skip
+
+        self._write_on_main(write_files)  # collective
         if self.method.trains:  # a method that trains no branch has no adapter
             with written_atomically(self.out / "peft_adapter") as folder:  # collective
                 export_peft_adapter(
@@ -639,4 +715,6 @@ class ContinualTrainer:
         if self.cfg.export.merged_model:
             with written_atomically(self.out / "model") as folder:  # collective
                 self.workload.export_model(self.method.report, folder, self.cfg.export.max_shard_size)
-        dist.barrier()
+        # The record that the exports are complete, naming the checkpoint they came from (`_exported`).
+        last = self.checkpointer.complete
+        self._write_on_main(lambda: write_json(self.out / EXPORTS_NAME, {"checkpoint": last()[-1].name}))  # collective

@@ -25,13 +25,13 @@ them with validation. matplotlib is imported only inside :func:`save_plots`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
+
+from inflora_dist.writes import atomic_write, write_json
 
 __all__ = [
     "AccuracyMatrix",
@@ -232,24 +232,6 @@ class AccuracyMatrix:
 # --------------------------------------------------------------------------- saving
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write via a temp file in ``path``'s directory and ``os.replace``, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_metrics(
     path: str | os.PathLike[str], matrix: AccuracyMatrix | Scores, extra: Mapping[str, Any] | None = None
 ) -> Path:
@@ -259,8 +241,7 @@ def save_metrics(
     Call it from one process only (rank 0). Parent directories are created.
     """
     p = Path(path)
-    text = json.dumps(matrix.to_dict(extra), indent=2, allow_nan=False) + "\n"
-    _atomic_write(p, lambda f: f.write(text.encode("utf-8")))
+    write_json(p, matrix.to_dict(extra))
     return p
 
 
@@ -364,7 +345,7 @@ def save_plots(
     ax.set_ylabel("trained up to")
     ax.set_title("accuracy matrix")
     matrix_path = out_dir / "accuracy_matrix.png"
-    _atomic_write(matrix_path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(matrix_path, lambda f: fig.savefig(f, format="png", dpi=120))
 
     # Average accuracy after each task, plus each task's accuracy over time.
     fig = Figure(figsize=(max(5.0, 1.0 + 0.5 * n), 4.0), layout="constrained")
@@ -382,7 +363,7 @@ def save_plots(
     ax.legend(loc="lower left", fontsize="small", ncol=2 if n > 5 else 1)
     ax.set_title("accuracy over tasks (thin: each task)")
     curve_path = out_dir / "accuracy_curve.png"
-    _atomic_write(curve_path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(curve_path, lambda f: fig.savefig(f, format="png", dpi=120))
     return [matrix_path, curve_path]
 
 

@@ -1,7 +1,11 @@
 """A trained run, rebuilt from its directory for evaluation and prediction.
 
-    <run>/config.yaml                        the resolved config the run wrote
+    <run>/config.yaml                        the resolved config the run started with
+    <run>/config_changes.json                the keys its resumes changed, and from where (run_record)
     <run>/checkpoints/NNNNNN-taskT-done/     its newest task-boundary checkpoint that verifies (or one named)
+
+The config is the one in force when the checkpoint was written: config.yaml
+with the changes recorded before the checkpoint's position (logged).
 
 The model is assembled as the run assembled it (methods.assemble: pre-trained
 weights from their local directory, the method's branch layers with the run's
@@ -21,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from inflora_dist.checkpoint import CheckpointCorrupt, Checkpointer, read_state
-from inflora_dist.config import LANGUAGE_MODEL_KINDS, RunConfig, load_run_config
+from inflora_dist.config import LANGUAGE_MODEL_KINDS, RunConfig
 from inflora_dist.data.spec import InstructionSpec, TaskSequenceConfig, TaskSpec
 from inflora_dist.engine import build_inference_engine, init_distributed
 from inflora_dist.methods import assemble, restore
+from inflora_dist.run_record import describe, recorded_config
 from inflora_dist.workloads import Workload
 
 logger = logging.getLogger(__name__)
@@ -93,10 +98,7 @@ class TrainedRun:
         workload_sequence: TaskSequenceConfig | None = None,
     ) -> None:
         self.run = Path(run)
-        config = self.run / "config.yaml"
-        if not config.exists():
-            raise FileNotFoundError(f"{config} not found: --run must be a run's output_dir")
-        self.cfg: RunConfig = load_run_config(str(config), overrides or [])
+        self.cfg: RunConfig = recorded_config(self.run, None, overrides or [])[0]
         self.device = init_distributed(self.cfg.deepspeed.collective_timeout_s)
         if checkpoint is None:
             self.checkpoint = task_boundary_checkpoint(self.run)
@@ -106,6 +108,11 @@ class TrainedRun:
         tensors, self.meta = read_state(self.checkpoint)
         if self.meta["progress"]["phase"] != "start":
             raise ValueError(f"{self.checkpoint} was written mid-task: use a task-boundary checkpoint (*-done)")
+        position = (self.meta["progress"]["task"], self.meta["progress"]["step"])
+        self.cfg, changes = recorded_config(self.run, position, overrides or [])
+        if changes:
+            logger.info("%s: config changes made before %s applied: %s", self.run, self.checkpoint.name,
+                        describe(changes))  # fmt: skip
         self.records: list[dict[str, Any]] = self.meta["task_sequence"]
         self.sequence = _run_sequence(self.records, self.cfg.model.kind)
         language = self.cfg.model.kind in LANGUAGE_MODEL_KINDS

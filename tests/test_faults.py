@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from trainer_runs import REPO, command, env, tiny_shards, train
 
 from inflora_dist.checkpoint import Checkpointer
 from inflora_dist.data.build_shards import FASHION_MNIST_DIR
-from inflora_dist.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from inflora_dist.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, ContinualTrainer
 from inflora_dist.runlock import LOCK_NAME
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
@@ -314,3 +315,171 @@ def test_a_changed_shard_stops_every_rank(shards, tmp_path, method, read_by):
     assert "does not match the index" in proc.stderr and "exitcode  : 2" in proc.stderr
     assert f": {read_by}: cannot read shard " in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000000-task0-done"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes (the run lock left out: it comes and goes)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != LOCK_NAME}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["file", "other files", "run directory", "parent of runs", "export plus a file"])
+def test_an_export_never_replaces_what_is_not_an_export(finished, tmp_path, case):
+    """`export_model --out` naming a file, a folder of other files, the run directory, the folder holding runs, or
+    an earlier export beside which a user put a file: refused before anything is built or written, one line
+    naming the path and why (before, each was deleted and replaced by the model, exit 0)."""
+    if case == "file":
+        out = tmp_path / "notes.txt"
+        out.write_text("mine")
+    elif case == "other files":
+        out = tmp_path / "mine"
+        out.mkdir()
+        (out / "data.csv").write_text("1,2")
+    elif case in ("run directory", "parent of runs"):
+        copy = tmp_path / "runs" / "run"
+        shutil.copytree(finished, copy)
+        out = copy if case == "run directory" else copy.parent
+    else:
+        out = tmp_path / "model"
+        first = _export(finished, out)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert json.loads((out / "inflora_export.json").read_text())["entries"]  # the mark of an export
+        (out / "README.md").write_text("my notes")
+    before = _files(tmp_path)
+    proc = _export(finished, out)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"export_model.py: error: ExportTargetRefused: export target {out} "), proc.stderr[-3000:]
+    reason = {"file": "is a file", "other files": "it holds data.csv and no inflora_export.json",
+              "run directory": "is a run directory", "parent of runs": "it holds run and no inflora_export.json",
+              "export plus a file": "also holds README.md"}[case]  # fmt: skip
+    assert reason in error and "Traceback" not in proc.stderr
+    assert "TrainedRun" not in proc.stderr and "learned tasks" not in proc.stderr  # refused before the model
+    assert _files(tmp_path) == before
+
+
+def test_a_run_refuses_export_folders_that_are_not_exports_before_writing(shards, tmp_path):
+    """A run whose output_dir holds a peft_adapter folder of the user's stops before anything is written."""
+    out = tmp_path / "run"
+    (out / "peft_adapter").mkdir(parents=True)
+    (out / "peft_adapter" / "adapter_model.bin").write_bytes(b"someone else's")
+    proc = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"export target {out / 'peft_adapter'} is not an export: it holds adapter_model.bin" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["peft_adapter"]  # no config, checkpoint or lock left
+
+
+def test_a_full_disk_mid_task_fails_in_one_line_and_a_changed_resume_is_recorded(finished, shards, tmp_path):
+    """Checkpoints every 4 steps on a 320 KiB tmpfs: task 0's step-4 (with DeepSpeed's engine files) and done
+    checkpoints fit, task 1's step-4 does not. torch.save inside DeepSpeed reports ENOSPC as a RuntimeError: the
+    run still stops with CheckpointWriteError in one line (exit 2), the partial checkpoint gone, task 0's intact.
+    With space, resume=auto with checkpoint.every_steps changed ends as the uninterrupted run; config.yaml keeps
+    the run's start, config_changes.json records the change from stage 1, step 0."""
+    out = tmp_path / "run"
+    if not _mount_tmpfs(out / "checkpoints", "320k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        args = (f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "checkpoint.every_steps=4")
+        proc = _run(*args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        error = proc.stderr.strip().splitlines()[-1]
+        assert error.startswith("train.py: error: CheckpointWriteError: writing checkpoint 000002-task1-step4 into")
+        assert "000001-task0-done, is untouched" in error
+        names = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert names == ["000000-task0-step4", "000001-task0-done"], names
+        Checkpointer.verify(out / "checkpoints" / names[-1])
+        assert subprocess.run(["mount", "-o", "remount,size=10m", str(out / "checkpoints")]).returncode == 0
+        proc = _run(*args[:2], "checkpoint.every_steps=0")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
+        assert redone["accuracy_matrix"] == original["accuracy_matrix"]
+        assert yaml.safe_load((out / "config.yaml").read_text())["checkpoint"]["every_steps"] == 4
+        changes = json.loads((out / "config_changes.json").read_text())
+        assert changes == [{"key": "checkpoint.every_steps", "old": 4, "new": 0, "task": 1, "step": 0}]
+    finally:
+        subprocess.run(["umount", str(out / "checkpoints")])
+
+
+def test_a_full_disk_while_the_plots_are_written_fails_in_one_line(finished, shards, tmp_path):
+    """The output_dir on a 44 KiB tmpfs (its checkpoints on a roomy one): task 0's metrics.json and accuracy matrix
+    fit, its accuracy curve does not. The run stops with WriteError naming the plot (exit 2, no traceback, no
+    temporary file left); with space, resume=auto ends as the uninterrupted run."""
+    out = tmp_path / "run"
+    if not _mount_tmpfs(out, "44k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        assert _mount_tmpfs(out / "checkpoints", "10m")
+        args = (f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+        proc = _run(*args)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        error = proc.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"train.py: error: WriteError: writing {out / 'accuracy_curve.png'} failed"), error
+        assert "No space left on device" in error
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+        assert subprocess.run(["mount", "-o", "remount,size=10m", str(out)]).returncode == 0
+        proc = _run(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        redone, original = (json.loads((p / "metrics.json").read_text()) for p in (out, finished))
+        assert redone["accuracy_matrix"] == original["accuracy_matrix"]
+    finally:
+        subprocess.run(["umount", str(out / "checkpoints")])
+        subprocess.run(["umount", str(out)])
+
+
+def test_a_full_disk_while_building_shards_fails_naming_the_shard(tmp_path):
+    """Shards built onto a 64 KiB tmpfs: WriteError naming the shard and the cause; the partial shard removed."""
+    from inflora_dist.data.build_shards import main as build_shards
+    from inflora_dist.errors import WriteError
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "64k"):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+    try:
+        with pytest.raises(WriteError, match=r"writing shard .*/train/task\d-\d{6}\.tar failed .*No space left"):
+            build_shards(["fashion-mnist", "--out", str(disk / "shards"), "--tasks", "3", "--classes-per-task", "2",
+                          "--train-per-class", "48", "--shard-size", "20", "--quiet"])  # fmt: skip
+        written = sorted(p for p in (disk / "shards").rglob("*.tar"))
+        assert written and all(p.stat().st_size % 10240 == 0 for p in written)  # whole tar files only
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_rerunning_a_finished_run_with_changed_keys_writes_nothing(finished, shards, tmp_path):
+    """A finished, exported run started again with keys that may change on resume trains nothing and changes no
+    file (before, config.yaml was rewritten with a value no task used)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    proc = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml", "inflora.covariance_max_tokens=5",
+                "export.merged_model=true")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is finished and exported (exports.json): nothing to train or write" in proc.stderr
+    assert _files(out) == before
+
+
+def test_a_ctrl_c_that_stops_at_once_ends_in_one_line(shards, tmp_path):
+    """A Ctrl-C that reaches the command (here while the run starts, before its handler is set; the second Ctrl-C
+    raises the same KeyboardInterrupt, below) ends the run at once: exit 130, one line, no traceback, the run
+    directory's lock released."""
+    out = tmp_path / "run"
+    code, log = _run_until("frozen weights of the targeted layers hashed", lambda proc: proc.send_signal(signal.SIGINT),
+                           f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")  # fmt: skip
+    assert code == INTERRUPTED_EXIT_CODE, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert log.strip().splitlines()[-1] == "train.py: interrupted"
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_the_second_ctrl_c_raises_at_once():
+    """The trainer's SIGINT handler: the first Ctrl-C asks for a checkpoint at the next step boundary, the second
+    raises KeyboardInterrupt (what the command then reports in one line, above)."""
+    trainer = types.SimpleNamespace(_interrupted=False, _stop=False)
+    ContinualTrainer._request_stop(trainer, signal.SIGINT, None)
+    assert trainer._stop and trainer._interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ContinualTrainer._request_stop(trainer, signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import posixpath
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 from tqdm import tqdm
 
@@ -35,7 +33,7 @@ from inflora_dist.config import to_yaml
 from inflora_dist.data import superni
 from inflora_dist.data.instruction_sources import demo_sequence
 from inflora_dist.data.olora import ORDERS, records_for_build
-from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index
+from inflora_dist.data.shards import ShardInfo, ShardWriter, write_index, write_small_file
 from inflora_dist.data.sources.arrays import load_array
 from inflora_dist.data.sources.fashion_mnist import (
     FASHION_MNIST_CLASSES,
@@ -118,9 +116,7 @@ def _finish(out: str, config: TaskSequenceConfig, shards: list[ShardInfo], stora
     validate(config)
     tasks = {t.name: {"train": t.train.samples, "eval": t.eval.samples} for t in config.tasks}
     write_index(out, shards, tasks, storage_options)
-    fs, root = fsspec.core.url_to_fs(out, **dict(storage_options))
-    with fs.open(posixpath.join(root, "tasks.yaml"), "w") as f:
-        f.write(to_yaml(config))
+    write_small_file(out, "tasks.yaml", to_yaml(config), storage_options)
 
 
 def _image_sample(key: str, image: np.ndarray | bytes, label: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ local disk and object stores alike (reader.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -18,6 +19,8 @@ from typing import Any
 
 import fsspec
 import webdataset
+
+from inflora_dist.errors import WriteError
 
 INDEX_VERSION = 1
 
@@ -125,7 +128,14 @@ class ShardWriter:
         self._tar = None
 
     def write(self, sample: Mapping[str, Any]) -> None:
-        """Add one sample (`__key__` plus encoded-by-extension fields, e.g. `npy`, `cls`, `json`)."""
+        """Add one sample (`__key__` plus encoded-by-extension fields, e.g. `npy`, `cls`, `json`). A failed write
+        (a full disk) removes the partial shard and raises WriteError naming it."""
+        try:
+            self._write(sample)
+        except OSError as err:
+            raise self._failed(err) from err
+
+    def _write(self, sample: Mapping[str, Any]) -> None:
         if self._tar is None or self._count >= self.max_samples:
             self._close_current()
             self._open_next()
@@ -137,15 +147,35 @@ class ShardWriter:
         self._count += 1
 
     def close(self) -> list[ShardInfo]:
-        """Finish the last shard; returns every shard written."""
-        self._close_current()
+        """Finish the last shard; returns every shard written (WriteError as `write`)."""
+        try:
+            self._close_current()
+        except OSError as err:
+            raise self._failed(err) from err
         return self.shards
+
+    def _failed(self, err: OSError) -> WriteError:
+        """Remove the shard being written; the error naming it and the cause."""
+        path = posixpath.join(self.root_path, self.shards[-1].path) if self.shards else self.root_path
+        for stream in (self._tar, self._raw):  # the tar first: closed, it no longer flushes into the file later
+            with contextlib.suppress(OSError, ValueError):
+                if stream is not None:
+                    stream.close()
+        with contextlib.suppress(OSError):
+            if self._tar is not None and self.fs.exists(path):
+                self.fs.rm(path)
+        self._tar = None
+        return WriteError(
+            f"writing shard {path} failed ({type(err).__name__}: {err}); the partial shard was removed: free space "
+            "(or fix the file system) and build again"
+        )
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
 
 
 def write_index(
@@ -163,7 +193,16 @@ def write_index(
         },
         "tasks": {name: dict(splits) for name, splits in tasks.items()},
     }
-    fs, root_path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
-    with fs.open(posixpath.join(root_path, name), "w") as f:
-        f.write(json.dumps(index, indent=1, sort_keys=True))
+    write_small_file(root, name, json.dumps(index, indent=1, sort_keys=True), storage_options)
     return index
+
+
+def write_small_file(root: str, name: str, text: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """`text` as `root/name` on any fsspec store; a failed write raises WriteError naming the file."""
+    fs, root_path = fsspec.core.url_to_fs(root, **dict(storage_options or {}))
+    path = posixpath.join(root_path, name)
+    try:
+        with fs.open(path, "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise WriteError(f"writing {path} failed ({type(err).__name__}: {err}): free space and build again") from err
