@@ -5,8 +5,9 @@
 #   iproute2   - `ip netns` / veth pairs for the two-host process-group tests
 #   openssh-server, pdsh - sshd in each namespace and the pdsh runner DeepSpeed's multi-node
 #                launcher uses (`deepspeed --hostfile ...`), for the hostfile test
-# Only missing packages are installed, as root or through sudo; without either the script
-# warns and exits 0: the tests that need them are then skipped with that reason.
+# Only missing packages are installed, as root or through password-less sudo (sudo -n: it never waits
+# for a password, e.g. on a cluster login node); when that is not possible or the install fails, the
+# script warns and exits 0: the tests that need them are then skipped with that reason.
 #
 #   scripts/install_cluster_deps.sh
 set -euo pipefail
@@ -25,15 +26,20 @@ for pkg in "${!PROVIDES[@]}"; do
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
+skipped() {
+    echo "WARNING: skipped installing Debian's ${missing[*]} ($1): the cluster tests (tests/cluster) need them" \
+        "and are skipped until then; install them as root: apt-get install ${missing[*]}" >&2
+    exit 0
+}
 if [ "$(id -u)" = 0 ]; then
     SUDO=()
 elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-    SUDO=(sudo)
+    SUDO=(sudo -n)
 else
-    echo "WARNING: install Debian's ${missing[*]} (root needed); the cluster tests are skipped until then" >&2
-    exit 0
+    skipped "it needs root or password-less sudo"
 fi
 echo "install_cluster_deps: installing ${missing[*]}"
 # The tests start their own daemons (own config, own munge key): the packages' services are not needed.
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+"${SUDO[@]}" apt-get update -qq || skipped "apt-get update failed"
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || skipped "apt-get install failed"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_models import tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from inflora_dist.continual import InfLoRA
 from inflora_dist.data.text import (
@@ -17,10 +19,15 @@ from inflora_dist.data.text import (
     collate_prompts,
     encode_example,
     exact_match,
+    prompt_ids,
     response_loss,
     rouge_l,
 )
 from inflora_dist.inject import inject_inflora
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2 = REPO / "assets" / "smollm2-135m-instruct"  # `make assets`; its tokenizer ships a chat template
+needs_smollm2 = pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="run `make assets` first")
 
 WORDS = "what is the sentiment of this tweet positive negative neutral i love it hate rain sunny day answer".split()
 TEMPLATE = (
@@ -115,6 +122,85 @@ def test_prompts_are_left_padded_for_generation(tokenizer):
     assert (batch["input_ids"][:, -1] == assistant).all()  # every answer starts at the same column
     short = batch["attention_mask"][1]
     assert short[0] == 0 and short[-1] == 1 and (short.diff() >= 0).all()
+
+
+def test_chat_template_none_gives_the_plain_prompt_format(tokenizer):
+    """`model.chat_template`: auto wraps the prompt in the tokenizer's template, none gives the plain
+    "<prompt>\\n" (the benchmarks' raw prompts) although the tokenizer has one, in training and generation."""
+    prompt, answer = "what is the sentiment of i love it", [tokenizer.convert_tokens_to_ids("positive"), 1]
+    plain = tokenizer(prompt + "\n")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(plain[:1]) == ["what"]
+    ids, labels = encode_example(tokenizer, prompt, "positive", max_length=64, chat_template="none")
+    assert ids == plain + answer and labels == [IGNORE] * len(plain) + answer
+    templated, _ = encode_example(tokenizer, prompt, "positive", max_length=64, chat_template="auto")
+    assert templated == encode_example(tokenizer, prompt, "positive", max_length=64)[0]  # auto: the default
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    assert tokenizer.convert_ids_to_tokens(templated[:1]) == ["<|user|>"] and templated[-3:] == [assistant, *answer]
+    batch = collate_examples(tokenizer, [{"prompt": prompt, "response": "positive"}], torch.ones(1), 64,
+                             chat_template="none")  # fmt: skip
+    assert batch["input_ids"][0].tolist() == ids
+    assert collate_prompts(tokenizer, [{"prompt": prompt}], 64, chat_template="none")["input_ids"][0].tolist() == plain
+    with pytest.raises(ValueError, match=r"model.chat_template must be one of \['auto', 'none'\], got 'chatml'"):
+        prompt_ids(tokenizer, prompt, chat_template="chatml")
+
+
+@needs_smollm2
+def test_packaged_smollm2_template_is_applied_with_auto_only():
+    """The packaged SmolLM2-Instruct tokenizer ships a template: auto gives its chat format (with the template's
+    default system turn), none the prompt and a newline, nothing else."""
+    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    assert tok.chat_template
+    prompt = "Which language is this line in? ciao a tutti"
+    chat = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(prompt_ids(tok, prompt, chat_template="auto")) == chat
+    assert chat.startswith("<|im_start|>system") and chat.endswith("<|im_start|>assistant\n")
+    assert tok.decode(prompt_ids(tok, prompt, chat_template="none")) == prompt + "\n"
+
+
+@needs_smollm2
+def test_the_workload_trains_and_generates_in_the_configured_format():
+    """model.chat_template reaches the causal-LM workload: `prepare` (training, covariance passes) and
+    `generate` (evaluation, predict) both give the plain prompt with none, the template with auto; other
+    values are refused naming the key."""
+    from inflora_dist.config import load_run_config
+    from inflora_dist.data.spec import InstructionSpec, TaskSequenceConfig, TaskSpec
+    from inflora_dist.workloads import InstructionTuning
+
+    seq = TaskSequenceConfig(kind="instruction", tasks=[TaskSpec(name="t", instruction=InstructionSpec())])
+    row = {"prompt": "Which language is this line in? ciao", "response": "italian", "task": "t"}
+    prompts, seen = {}, []
+
+    def generate(input_ids, **kwargs):  # engine.module.generate: records the prompt, answers one token
+        seen.append(input_ids[0].tolist())
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+    for mode in ("auto", "none"):
+        cfg = load_run_config(str(REPO / "configs" / "tiny_llm.yaml"),
+                              [f"model.chat_template={mode}", "model.config.num_hidden_layers=1"])  # fmt: skip
+        workload = InstructionTuning(cfg, seq, torch.device("cpu"))
+        tok = workload.tokenizer
+        trained = workload.prepare({"json": [row], "weight": torch.ones(1)})["input_ids"][0].tolist()
+        workload.generate(SimpleNamespace(module=SimpleNamespace(generate=generate)), [row], max_new_tokens=1)
+        prompts[mode] = tok.decode(seen[-1])
+        assert trained[: len(seen[-1])] == seen[-1]  # generation reads the prompt training read
+    assert prompts["none"] == row["prompt"] + "\n"
+    assert prompts["auto"].startswith("<|im_start|>system") and row["prompt"] in prompts["auto"]
+    with pytest.raises(ValueError, match=r"model.chat_template must be one of \['auto', 'none'\], got 'chatml'"):
+        load_run_config(str(REPO / "configs" / "tiny_llm.yaml"), ["model.chat_template=chatml"])
+
+
+def test_benchmark_configs_state_their_prompt_format():
+    """Every LLM benchmark config sets model.chat_template: GainLoRA's and O-LoRA's benchmarks feed raw prompts
+    (none; their collators tokenize the prompt string itself), the LLM demo its instruct model's template."""
+    from inflora_dist.config import read_yaml
+
+    expected = {"configs/demo_llm.yaml": "auto", "configs/scale/llama2_7b.yaml": "auto",
+                "configs/scale/tinyllama_1b.yaml": "auto"}  # fmt: skip
+    for folder in ("superni", "olora", "t5"):
+        expected.update({str(p.relative_to(REPO)): "none" for p in (REPO / "configs" / folder).glob("*.yaml")})
+    assert len(expected) == 10
+    for path, mode in expected.items():
+        assert read_yaml(str(REPO / path)).model.chat_template == mode, path
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer):

@@ -36,10 +36,11 @@ Published numbers to compare against (average accuracy, %, over all tasks after 
   InfLoRA 79.6 / 69.8. Both were taken from secondary summaries of those papers, not checked against the
   PDFs: check the tables before quoting them.
 
-Our framework joins prompt and response its own way (`inflora_dist/data/text.py`: the tokenizer's chat
-template when it has one, else "<prompt>\\n<response><eos>"), keeps the response when an example is too
-long (the prompt is cut from the left, where O-LoRA cuts the end), and schedules the learning rate with a
-per-task cosine (O-LoRA: constant). The data files are the user's: nothing here downloads them.
+Our framework joins prompt and response its own way (`inflora_dist/data/text.py`: with `model.chat_template:
+none`, as the O-LoRA configs set, "<prompt>\\n<response><eos>"; with `auto` the tokenizer's chat template when it
+has one) and keeps the response when an example is too long (the prompt is cut from the left, where O-LoRA cuts
+the end); the O-LoRA configs schedule the learning rate as O-LoRA does (`train.lr_schedule: constant`). The data
+files are the user's: nothing here downloads them.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Instruction examples as token tensors: chat template, response-only labels, padding masks.
 
 `encode_example` turns one {prompt, response} into input ids and labels, with
-the tokenizer's chat template when it has one (a plain "prompt\\n" prefix
-otherwise); the loss sees response tokens only (labels -100 elsewhere).
+the tokenizer's chat template when it has one and `chat_template` is "auto" (a
+plain "prompt\\n" prefix otherwise, or always with "none": the benchmarks' raw
+prompts); the loss sees response tokens only (labels -100 elsewhere).
 `collate_examples` right-pads a batch: `attention_mask` marks real tokens (the
 covariance passes use every real token, prompt and response), padding carries
 label -100, and rows of weight 0 (the reader's padding rows) carry no label at all.
@@ -22,11 +23,16 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
 IGNORE = -100
+#: `model.chat_template`: "auto" applies the tokenizer's chat template when it has one; "none" never does.
+CHAT_TEMPLATE_MODES = ("auto", "none")
 
 
-def prompt_ids(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of the prompt, ending where the response starts."""
-    if getattr(tokenizer, "chat_template", None):
+def prompt_ids(tokenizer: Any, prompt: str, system_prompt: str | None = None, chat_template: str = "auto") -> list[int]:
+    """Token ids of the prompt, ending where the response starts: the tokenizer's chat template (`chat_template`
+    "auto" and the tokenizer has one), else "<system>\\n<prompt>\\n" with the tokenizer's special tokens."""
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"model.chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {chat_template!r}")
+    if chat_template == "auto" and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": prompt}
         ]
@@ -37,11 +43,17 @@ def prompt_ids(tokenizer: Any, prompt: str, system_prompt: str | None = None) ->
 
 
 def encode_example(
-    tokenizer: Any, prompt: str, response: str, max_length: int, system_prompt: str | None = None
+    tokenizer: Any,
+    prompt: str,
+    response: str,
+    max_length: int,
+    system_prompt: str | None = None,
+    chat_template: str = "auto",
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example; labels are -100 on the prompt. The prompt is cut from the left
-    when the example is longer than `max_length`, so the response (and the end-of-sequence token) stay."""
-    head = prompt_ids(tokenizer, prompt, system_prompt)
+    when the example is longer than `max_length`, so the response (and the end-of-sequence token) stay.
+    `chat_template`: as `prompt_ids`."""
+    head = prompt_ids(tokenizer, prompt, system_prompt, chat_template)
     tail = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         tail = [*tail, tokenizer.eos_token_id]
@@ -83,13 +95,15 @@ def collate_examples(
     weights: torch.Tensor,
     max_length: int,
     system_prompt: str | Sequence[str | None] | None = None,
+    chat_template: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask`, `labels` (B, T) and the row `weight` (B,).
 
-    `system_prompt`: one for every row, or one per row (rows of several tasks)."""
+    `system_prompt`: one for every row, or one per row (rows of several tasks); `chat_template`: as `prompt_ids`."""
     systems = _per_row(system_prompt, len(rows))
     encoded = [
-        encode_example(tokenizer, r["prompt"], r["response"], max_length, s) for r, s in zip(rows, systems, strict=True)
+        encode_example(tokenizer, r["prompt"], r["response"], max_length, s, chat_template)
+        for r, s in zip(rows, systems, strict=True)
     ]
     input_ids, mask = _padded([ids for ids, _ in encoded], _pad_id(tokenizer))
     trained = [lab if w > 0 else [] for (_, lab), w in zip(encoded, weights.tolist(), strict=True)]
@@ -111,13 +125,17 @@ def collate_prompts(
     rows: Sequence[Mapping[str, str]],
     max_length: int,
     system_prompt: str | Sequence[str | None] | None = None,
+    chat_template: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt ids and attention mask (B, T) for generation: every row's answer starts at column T.
 
-    A prompt longer than `max_length` keeps its last `max_length` tokens (where the answer starts).
+    A prompt longer than `max_length` keeps its last `max_length` tokens (where the answer starts);
+    `chat_template`: as `prompt_ids` (the same as training's, or the answers start in another format).
     """
     systems = _per_row(system_prompt, len(rows))
-    prompts = [prompt_ids(tokenizer, r["prompt"], s)[-max_length:] for r, s in zip(rows, systems, strict=True)]
+    prompts = [
+        prompt_ids(tokenizer, r["prompt"], s, chat_template)[-max_length:] for r, s in zip(rows, systems, strict=True)
+    ]
     input_ids, mask = _padded(prompts, _pad_id(tokenizer), left=True)
     return {"input_ids": input_ids, "attention_mask": mask}
 
