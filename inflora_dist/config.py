@@ -83,6 +83,10 @@ class ModelConfig:
     kind `seq2seq_lm`: an encoder-decoder model (T5 family) on the same tasks: the
     prompt is the encoder's input (cut to `max_length` tokens), the answer the
     decoder's labels (cut to `max_new_tokens`, as generation is).
+    `chat_template` (causal_lm): `auto` wraps each prompt in the tokenizer's chat
+    template when it ships one, `none` always gives the plain "<prompt>\\n" the
+    benchmarks' raw prompts use (a base model's tokenizer may ship a template too:
+    Qwen2.5). A seq2seq_lm's encoder always reads the plain prompt.
     """
 
     kind: str = "vit"
@@ -97,6 +101,7 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     head_cosine_scale: float = 0.0  # > 0: cosine-classifier heads with this scale; 0: linear heads (the reference)
+    chat_template: str = "auto"  # auto: the tokenizer's chat template when it has one; none: plain prompts
 
 
 @dataclass
@@ -199,6 +204,12 @@ class DataConfig:
     tasks: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] | None = None
+    #: Image recipes run in the loader workers (data/transforms.py TRANSFORMS: e.g. imagenet_r_train, resize):
+    #: `train_transform` on the training split (training and the covariance passes, as the reference), and
+    #: `eval_transform` on evaluation (and the class statistics). None: the shard's pixels as stored, which the
+    #: model resizes to model.image_size (the demo's path).
+    train_transform: str | None = None
+    eval_transform: str | None = None
 
 
 @dataclass
@@ -260,6 +271,7 @@ _CHOICES = {
     "method": METHOD_NAMES,
     "model.kind": ("vit", *LANGUAGE_MODEL_KINDS),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.chat_template": ("auto", "none"),
     "inflora.fold": ("merge", "stack"),
     "inflora.reduce": ("all_reduce", "owner"),
     "inflora.accumulation_dtype": ("auto", "float32", "float64"),
@@ -336,6 +348,14 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError("model.pretrained (a local checkpoint dir) or model.config (a transformers config) is needed")
     if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_dir():
         raise FileNotFoundError(f"model.pretrained: {cfg.model.pretrained} is not a directory")
+    from inflora_dist.data.transforms import TRANSFORMS  # the data package imports this module
+
+    for key in ("data.train_transform", "data.eval_transform"):
+        name = _get(cfg, key)
+        if name is not None and cfg.model.kind in LANGUAGE_MODEL_KINDS:
+            raise ValueError(f"{key}={name!r} transforms images; model.kind {cfg.model.kind} reads text: unset it")
+        if name is not None and name not in TRANSFORMS:
+            raise ValueError(f"{key}: unknown transform {name!r}; valid: {', '.join(sorted(TRANSFORMS))}")
     if cfg.model.kind in LANGUAGE_MODEL_KINDS and not (cfg.model.tokenizer or cfg.model.pretrained):
         raise ValueError(
             f"model.kind {cfg.model.kind} needs model.tokenizer (a local tokenizer dir) or model.pretrained"
@@ -363,11 +383,17 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
 
 
 #: What a resume must keep: these change the shapes or the meaning of a run's saved state (a prefix covers
-#: its whole section). Everything else may change on resume (lr and epochs of later tasks, logging, W&B,
-#: checkpoint cadence, evaluation batch, DeepSpeed settings and the world size at a task boundary).
+#: its whole section), or which run it is: `seed` (shard order, augmentation and alignment draws: a run of
+#: seeds 0-4 is five runs, and seed=1 into seed 0's output_dir must not continue seed 0's run) and the image
+#: recipes (`data.train_transform`; `data.eval_transform` also made the saved class statistics).
+#: Everything else may change on resume (lr, epochs, batch and optimizer settings of later tasks, logging,
+#: W&B, checkpoint cadence, evaluation batch, DeepSpeed settings, the covariance passes' numerics, memory
+#: and `inflora.covariance_max_tokens`, and the world size at a task boundary). The data's own identity is
+#: checked apart (the task records' shard checksums, checkpoint.check_resumable).
 #: (A method checks its own: Method.resume_problems, e.g. inflora.planned_tasks against the run's horizon.)
-RESUME_FIXED_KEYS = ("method", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
-                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.")  # fmt: skip
+RESUME_FIXED_KEYS = ("method", "seed", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
+                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.", "data.train_transform",
+                     "data.eval_transform")  # fmt: skip
 #: model keys that only change how evaluation generates, not the state.
 _RESUME_FREE_MODEL_KEYS = ("model.max_new_tokens",)
 
@@ -391,9 +417,31 @@ def flatten(tree: Any, lists: bool = False) -> dict[str, Any]:
     return out
 
 
+def with_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict as written by an earlier version, flattened, each key it lacks (added since) at its default:
+    a key a new version adds is no change to a run that never set it."""
+    old = flatten(saved)
+    # A default leaf inside, or holding, a subtree the saved config has (model.config) is not missing.
+    within = {k for key in old for k in _prefixes(key)}
+    missing = {k: v for k, v in flatten(to_dict(RunConfig())).items() if k not in within and not _under(k, old)}
+    return {**missing, **old}
+
+
+def _prefixes(key: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b', 'a.b.c']."""
+    parts = key.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _under(key: str, flat: Mapping[str, Any]) -> bool:
+    """Whether a leaf of `flat` sits at a prefix of `key` (a saved leaf where the defaults have a subtree)."""
+    return any(p in flat for p in _prefixes(key)[:-1])
+
+
 def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """'key: saved -> current' for every RESUME_FIXED_KEYS key on which two config dicts differ (sorted)."""
-    old, new = flatten(saved), flatten(current)
+    """'key: saved -> current' for every RESUME_FIXED_KEYS key on which two config dicts differ (sorted); a key
+    `saved` lacks counts at its default (`with_defaults`)."""
+    old, new = with_defaults(saved), flatten(current)
 
     def fixed(key: str) -> bool:
         return key not in _RESUME_FREE_MODEL_KEYS and any(

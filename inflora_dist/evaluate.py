@@ -18,6 +18,10 @@ task by its own spec (exact match of label words, or ROUGE-L): the tasks
 need not be ones the run trained on. Overrides (OmegaConf dotlist) change
 evaluation settings of the run's config, e.g. train.eval_batch_size=128 or
 model.max_new_tokens=64.
+
+The JSON holds each task's `scores` by matrix, their `average` (every task
+alike) and `pooled`: the score over all eval samples of the scored tasks
+together (each task weighted by its `eval_samples`), the InfLoRA paper's accuracy.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from inflora_dist import dist
 from inflora_dist.config import LANGUAGE_MODEL_KINDS
 from inflora_dist.data import TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import key_value_option
+from inflora_dist.data.transforms import configured_transform
 from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.errors import run_command
+from inflora_dist.metrics import pooled_accuracies
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 from inflora_dist.workloads import score_task
 
@@ -79,16 +85,21 @@ def evaluate(trained: TrainedRun, tasks: TaskSequenceConfig, batch_size: int) ->
         raise ValueError(f"the run trained a language model; {tasks.kind} tasks cannot be scored with it")
     heads = heads_for(tasks, trained.records, len(trained.learned)) if vision else list(range(len(tasks.tasks)))
     index = tasks.load_index()
+    transform = configured_transform(cfg.data.eval_transform, cfg.model.image_size)  # as the run evaluated
     keys = [key.removesuffix("_matrix") for key in workload.matrices]
     scores: dict[str, list[float]] = {key: [] for key in keys}
     for i, task in enumerate(tasks.tasks):
-        stream = open_task(tasks, i, "eval", batch_size=batch_size, mode="exact", seed=cfg.seed, index=index)
+        stream = open_task(tasks, i, "eval", batch_size=batch_size, mode="exact", seed=cfg.seed, index=index,
+                           transform=transform, channels=cfg.model.channels)  # fmt: skip
         loader = TaskLoader(stream, num_workers=cfg.train.num_workers)
         with tqdm(total=len(loader), desc=f"evaluate {task.name}", disable=not dist.is_main_process(),
                   leave=False, dynamic_ncols=True) as bar:  # fmt: skip
             values = score_task(workload, trained.engine, loader, heads[i], trained.upto, bar)  # collective
         for key, value in zip(keys, values, strict=True):
             scores[key].append(value)
+    # The paper's accuracy: all eval samples of the scored tasks pooled, each task weighted by its eval samples
+    # (the spec's count: open_task checked it against the index's count of the shards just read).
+    counts = [t.eval.samples for t in tasks.tasks]
     return {
         "run": str(trained.run),
         "checkpoint": str(trained.checkpoint),
@@ -98,15 +109,19 @@ def evaluate(trained: TrainedRun, tasks: TaskSequenceConfig, batch_size: int) ->
         "task_metrics": [t.instruction.metric if t.instruction else "accuracy" for t in tasks.tasks],
         "scores": scores,
         "average": {key: sum(v) / len(v) for key, v in scores.items()},
+        "eval_samples": counts,
+        "pooled": {key: pooled_accuracies([v], counts)[0] for key, v in scores.items()},
     }
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """The scores as a table: one row per task, one column per score."""
+    """The scores as a table: one row per task, then the pooled and the average row; one column per score."""
     keys = list(result["scores"])
     width = max(len(n) for n in [*result["tasks"], "average"])
     lines = [" ".join([f"{'task':<{width}}", *(f"{k:>{max(len(k), 7)}}" for k in keys)])]
     rows = [(n, [result["scores"][k][i] for k in keys]) for i, n in enumerate(result["tasks"])]
+    if "pooled" in result:  # by eval samples (the paper's); "average" weighs every task alike
+        rows.append(("pooled", [result["pooled"][k] for k in keys]))
     for name, values in [*rows, ("average", [result["average"][k] for k in keys])]:
         cells = (f"{v:>{max(len(k), 7)}.2f}" for k, v in zip(keys, values, strict=True))
         lines.append(" ".join([f"{name:<{width}}", *cells]))

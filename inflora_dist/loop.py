@@ -49,12 +49,13 @@ from inflora_dist.covariance import CovarianceCollector, TokenBudget, restrict_m
 from inflora_dist.data import ShardError, TaskLoader, TaskSequenceConfig, load_task_sequence, open_task
 from inflora_dist.data.build_shards import build_from_config
 from inflora_dist.data.spec import check_classes, task_records
+from inflora_dist.data.transforms import configured_transform
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
 from inflora_dist.errors import INTERRUPTED_EXIT_CODE, UserError, WriteError
 from inflora_dist.export import check_export_target, export_class_statistics, export_peft_adapter, written_atomically
 from inflora_dist.inject import count_parameters
 from inflora_dist.methods import Stage, assemble, restore
-from inflora_dist.metrics import save_metrics
+from inflora_dist.metrics import pooled_metrics, save_metrics
 from inflora_dist.monitor import Monitor, memory_mb_per_rank
 from inflora_dist.run_record import describe, record_resume, record_start
 from inflora_dist.runlock import RunDirectoryLocked, RunLock
@@ -112,6 +113,11 @@ class ContinualTrainer:
         if unchecked and dist.is_main_process():
             logger.warning("%d shards' index entries record no classes (an older index): their labels are not "
                            "checked against the tasks' classes", len(unchecked))  # fmt: skip
+        #: the image recipes of the loaders by view (data.train_transform, data.eval_transform; None: as stored)
+        self.transforms = {
+            "train": configured_transform(cfg.data.train_transform, cfg.model.image_size),
+            "eval": configured_transform(cfg.data.eval_transform, cfg.model.image_size),
+        }
         self.names = [t.name for t in self.seq.tasks]
         self.num_tasks = len(self.seq.tasks)
         self.task_metrics = [t.instruction.metric if t.instruction else "accuracy" for t in self.seq.tasks]
@@ -240,12 +246,14 @@ class ContinualTrainer:
         return dist.any_rank(self._stop)
 
     def _loader(self, task: int | list[int], split: str, mode: str, batch: int, accumulation: int = 1,
-                interleave: bool = False) -> TaskLoader:  # fmt: skip
+                interleave: bool = False, view: str | None = None) -> TaskLoader:  # fmt: skip
+        """A loader of `split`, its images transformed as `view` ("train" or "eval"; default: the split's)."""
         # Training on several tasks at once (joint) interleaves their shards, so every batch mixes the tasks.
         mix = interleave or (mode == "train" and isinstance(task, list) and len(task) > 1)
         stream = open_task(
             self.seq, task, split, batch_size=batch, mode=mode, seed=self.cfg.seed, index=self.index,
-            accumulation=accumulation, interleave=mix,
+            accumulation=accumulation, interleave=mix, transform=self.transforms[view or split],
+            channels=self.cfg.model.channels,
         )  # fmt: skip
         return TaskLoader(stream, num_workers=self.cfg.train.num_workers)
 
@@ -397,11 +405,19 @@ class ContinualTrainer:
         """One no-grad pass over the tasks' training data (exact mode) feeding `collector` and/or the class
         `sums`; returns the seconds spent summing class features.
 
+        The collector sees the images as training does (data.train_transform: the reference designs A and grows
+        its memory from its training loader) and the class statistics as evaluation does (data.eval_transform,
+        the reference's class means); when the two transforms differ, a pass feeding both is two passes.
         With `max_tokens` the collector sees only the first samples that fit the budget (TokenBudget), read
         with the shards interleaved so that they come from every shard; the pass then ends there, unless it
         also sums the class statistics, which read every sample. Collective."""
+        if collector is not None and sums is not None and self.transforms["train"] != self.transforms["eval"]:
+            self._data_pass(engine, tasks, desc, collector, None, max_tokens)
+            return self._data_pass(engine, tasks, f"{desc} (class statistics)", None, sums, None)
+        view = "train" if collector is not None else "eval"
         budget = TokenBudget(max_tokens) if max_tokens else None
-        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size, interleave=budget is not None)
+        loader = self._loader(tasks, "train", "exact", self.cfg.train.eval_batch_size, interleave=budget is not None,
+                              view=view)  # fmt: skip
         summing = 0.0
         with torch.no_grad(), self._bar(len(loader), desc) as bar:
             for raw in self._agreed(loader, desc):
@@ -651,8 +667,18 @@ class ContinualTrainer:
         if self.zero_shot is not None:
             extra["zero_shot"] = self._zero_shot_row()
         extra.update(ca=self.cfg.ca.enabled, timings=self.timings)
+        # The paper's accuracy: every eval sample of the tasks so far pooled (a joint run's one row: all tasks),
+        # each task weighted by its eval samples: the spec's count, which open_task checks equals the index's
+        # count of the shards evaluated (the index's per-task entry is by name, stale if tasks.yaml was edited).
+        pooled = pooled_metrics(self.scores.primary_rows(), [t.eval.samples for t in self.seq.tasks])
+        extra.update(pooled)
         save_metrics(self.out / "metrics.json", self.scores, extra)
         print(self.scores.text(self.names, extra.get("zero_shot")), flush=True)
+        curve = ", ".join(f"{v:.2f}" for v in pooled["pooled_acc"])
+        print(f"pooled accuracy (all eval samples of the tasks so far, the paper's): final "
+              f"{pooled['pooled_final']:.2f}, average {pooled['pooled_avg']:.2f} (after each task: {curve})",
+              flush=True)  # fmt: skip
+        values.update({"cl/pooled_acc": pooled["pooled_final"], "cl/pooled_avg": pooled["pooled_avg"]})
         values.update(self.scores.log_values())
         self.monitor.log(values, self.progress.global_step)
         images = self.scores.plot(self.out, self.names)

@@ -18,19 +18,33 @@
   fills the matrix's upper triangle with zeros, so its maximum over ``l < j`` never wins against scores
   ``>= 0``: AP is **avg_acc** and FT is **forgetting**, stored under the papers' names as well. (Its
   ``Bwt`` divides by ``n``, counting the last task's zero term; **bwt** here divides by ``n - 1``.)
+* **pooled accuracy**, the InfLoRA paper's metric (the reference's ``accuracy(...)['total']``, logged as its
+  "CNN top1 curve"): after task ``i`` the accuracy over every eval sample of tasks ``0..i`` together,
+  ``P_i = sum_{j<=i} R[i][j] n_j / sum_{j<=i} n_j`` with ``n_j`` task ``j``'s number of eval samples
+  (``R[i][j] = 100 c_j / n_j``, so ``P_i = 100 sum c_j / sum n_j``). **pooled_final** is ``P_{n-1}`` (the
+  paper's final accuracy) and **pooled_avg** ``mean_i P_i`` (its average accuracy). With tasks of unequal
+  size (ImageNet-R) ``P_{n-1}`` is not **avg_acc**, which weighs every task alike.
 
 The metric functions are pure and take the rows; :class:`AccuracyMatrix` wraps
 them with validation. matplotlib is imported only inside :func:`save_plots`.
+``python -m inflora_dist.metrics summarize RUN_DIR...`` prints the mean and standard deviation of the
+metrics over runs (seeds): :func:`summarize_runs`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import operator
 import os
+import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from inflora_dist.errors import run_command
 from inflora_dist.writes import atomic_write, write_json
 
 __all__ = [
@@ -44,8 +58,11 @@ __all__ = [
     "backward_transfer",
     "forgetting",
     "format_table",
+    "pooled_accuracies",
+    "pooled_metrics",
     "save_metrics",
     "save_plots",
+    "summarize_runs",
 ]
 
 Rows = Sequence[Sequence[float]]
@@ -98,6 +115,46 @@ def forgetting(rows: Rows) -> float:
     last = rows[n - 1]
     terms = (max(rows[k][j] for k in range(j, n - 1)) - last[j] for j in range(n - 1))
     return math.fsum(terms) / (n - 1)
+
+
+def pooled_accuracies(rows: Rows, eval_counts: Sequence[int]) -> list[float]:
+    """The accuracy over every eval sample of the tasks scored in each row, pooled: for row ``i``,
+    ``sum_j R[i][j] n_j / sum_j n_j`` over its entries ``j``, ``n_j = eval_counts[j]`` (the number of eval
+    samples of task ``j``). That is ``100 * correct / samples`` over those tasks, the paper's accuracy.
+
+    Row ``i`` of a sequence scores tasks ``0..i``; a joint run's single row scores all tasks at once, and
+    its pooled value is over all of them.
+
+    Raises:
+        ValueError: a row has more entries than ``eval_counts``, a count is negative or not an integer,
+            or a row's tasks hold no eval sample.
+    """
+    counts: list[int] = []
+    for j, c in enumerate(eval_counts):
+        try:
+            n = operator.index(c) if not isinstance(c, bool) else -1
+        except TypeError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"eval_counts[{j}] must be a number of eval samples (an int >= 0), got {c!r}")
+        counts.append(n)
+    out: list[float] = []
+    for i, row in enumerate(rows):
+        if len(row) > len(counts):
+            raise ValueError(f"row {i} scores {len(row)} tasks but eval_counts has {len(counts)} counts")
+        total = sum(counts[: len(row)])
+        if total == 0:
+            raise ValueError(f"row {i}: its tasks 0..{len(row) - 1} have no eval samples to pool")
+        out.append(math.fsum(float(r) * n for r, n in zip(row, counts, strict=False)) / total)
+    return out
+
+
+def pooled_metrics(rows: Rows, eval_counts: Sequence[int]) -> dict[str, Any]:
+    """``pooled_acc`` (:func:`pooled_accuracies`, one value per row), ``pooled_final`` (its last value: the
+    paper's final accuracy) and ``pooled_avg`` (its mean: the paper's average accuracy); metrics.json's keys."""
+    _require_rows(rows)
+    pooled = pooled_accuracies(rows, eval_counts)
+    return {"pooled_acc": pooled, "pooled_final": pooled[-1], "pooled_avg": math.fsum(pooled) / len(pooled)}
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -485,3 +542,118 @@ class JointScores:
 
     def primary_rows(self) -> list[list[float]]:
         return [self.rows[self.keys[0]]] if self.rows else []
+
+
+# --------------------------------------------------------------------------- over runs (seeds)
+
+#: What `summarize` reports: the paper's two numbers first, then the matrix metrics.
+SUMMARY_KEYS = ("pooled_final", "pooled_avg", "avg_acc", "avg_incremental_acc", "bwt", "forgetting")
+METRICS_NAME = "metrics.json"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _metrics_file(run: str | os.PathLike[str]) -> Path:
+    path = Path(run)
+    return path if path.is_file() else path / METRICS_NAME
+
+
+def summarize_runs(runs: Sequence[str | os.PathLike[str]], keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, Any]:
+    """The mean and sample standard deviation (``n - 1``; None with one run) over ``runs`` of each key of
+    their metrics.json (a run is its output_dir, or the metrics.json itself).
+
+    Returns ``{"runs": [...], "metrics": {key: {"mean", "std", "n", "values"}}, "skipped": {key: [runs
+    without it]}, "notes": [...]}``. A key that some run lacks (an older metrics.json, a method without
+    it) is skipped, not averaged over fewer runs. Notes name runs still in progress (fewer rows than
+    ``num_tasks``) and runs of other task sequences or methods than the first run's.
+
+    Raises:
+        FileNotFoundError: runs without a metrics.json, all named.
+        ValueError: no runs, or a metrics.json that is not a JSON object.
+    """
+    if not runs:
+        raise ValueError("no runs to summarize: give one or more run directories (their output_dir)")
+    files = [_metrics_file(r) for r in runs]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no {METRICS_NAME} in {len(missing)} of {len(files)} runs: {', '.join(missing)} (not a run's "
+            "output_dir, or a run that has not finished its first task)"
+        )
+    data: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            loaded = json.loads(f.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{f}: not valid JSON ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{f}: expected a JSON object of metrics, got {type(loaded).__name__}")
+        data.append(loaded)
+    names = [str(r) for r in runs]
+    notes: list[str] = []
+    for name, d in zip(names, data, strict=True):
+        rows, total = len(d.get(MATRIX_KEY) or []), d.get("num_tasks")
+        if total is not None and rows < total:
+            notes.append(f"{name} is in progress: {rows} of {total} tasks scored")
+        for what in ("method", "task_names"):
+            if what in data[0] and what in d and d[what] != data[0][what]:
+                notes.append(f"{name} has another {what} than {names[0]}: {d[what]!r}, not {data[0][what]!r}")
+    metrics: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, list[str]] = {}
+    for key in keys:
+        lacking = [n for n, d in zip(names, data, strict=True) if not _is_number(d.get(key))]
+        if lacking:
+            skipped[key] = lacking
+            continue
+        values = [float(d[key]) for d in data]
+        metrics[key] = {
+            "mean": math.fsum(values) / len(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values),
+            "values": values,
+        }
+    return {"runs": names, "metrics": metrics, "skipped": skipped, "notes": notes}
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """One line per key: ``key  mean ± std  (n runs: values)``."""
+    width = max((len(k) for k in summary["metrics"]), default=0)
+    lines = []
+    for key, m in summary["metrics"].items():
+        std = f"{m['std']:.2f}" if m["std"] is not None else "n/a"
+        values = " ".join(f"{v:.2f}" for v in m["values"])
+        lines.append(f"{key.ljust(width)}  {m['mean']:7.2f} ± {std}  ({m['n']} runs: {values})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inflora_dist.metrics", description="Metrics of finished runs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    summarize = commands.add_parser(
+        "summarize",
+        help="mean and standard deviation over runs (e.g. seeds 0-4) of the paper's pooled accuracy and the "
+        "matrix metrics",
+        description="The mean and sample standard deviation over RUN_DIRs (each a run's output_dir, or its "
+        f"metrics.json) of {', '.join(SUMMARY_KEYS)}: one line per key; a key that a run lacks is skipped "
+        "with a note (stderr).",
+    )
+    summarize.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's output_dir (or its metrics.json)")
+    summarize.add_argument("--json", action="store_true", help="also print the summary as one JSON line, last")
+    args = parser.parse_args(argv)
+    summary = summarize_runs(args.runs)
+    for key, lacking in summary["skipped"].items():
+        print(f"note: {key} skipped: not in the metrics.json of {', '.join(lacking)}", file=sys.stderr)
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    text = format_summary(summary)
+    if text:
+        print(text)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -27,9 +27,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from inflora_dist.config import LANGUAGE_MODEL_KINDS
 from inflora_dist.data.images import read_image
+from inflora_dist.data.transforms import Transform, configured_transform
 from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.errors import run_command
 from inflora_dist.trained import TrainedRun, add_run_arguments
@@ -55,10 +57,14 @@ def image_paths(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def image_batch(path: str | Path, channels: int) -> torch.Tensor:
+def image_batch(path: str | Path, channels: int, transform: Transform | None = None) -> torch.Tensor:
     """An image file as uint8 (1, H, W) for a one-channel model, else (1, H, W, 3): what the model preprocesses
-    (data.images.read_image: 16-bit scaled, other modes converted, unreadable files refused by name)."""
-    return torch.from_numpy(read_image(path, channels).copy()).unsqueeze(0)
+    (data.images.read_image: 16-bit scaled, other modes converted, unreadable files refused by name), through
+    the run's eval transform (data.eval_transform) when it names one."""
+    pixels = read_image(path, channels)
+    if transform is not None:
+        pixels = transform.pixels(Image.fromarray(pixels), 0, 0, str(path))  # an eval recipe draws nothing
+    return torch.from_numpy(pixels.copy()).unsqueeze(0)
 
 
 def classify(trained: TrainedRun, paths: Sequence[str], top_k: int = 1) -> list[list[tuple[str, float]]]:
@@ -66,10 +72,11 @@ def classify(trained: TrainedRun, paths: Sequence[str], top_k: int = 1) -> list[
     workload = trained.workload
     named = zip(workload.class_ids, workload.class_names, strict=True)
     names = [name or f"class {c}" for c, name in named][: workload.offsets[trained.upto + 1]]
+    transform = configured_transform(trained.cfg.data.eval_transform, trained.cfg.model.image_size)
     out = []
     with torch.no_grad():
         for path in paths:
-            image = image_batch(path, workload.model.channels).to(trained.device)
+            image = image_batch(path, workload.model.channels, transform).to(trained.device)
             probs = torch.softmax(trained.engine(image, upto=trained.upto).float(), dim=1)[0]
             top = probs.topk(min(top_k, len(names)))
             out.append([(names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])

@@ -23,7 +23,15 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from inflora_dist.config import RunConfig, flatten, merge_structured, read_yaml, to_yaml, validate_run_config
+from inflora_dist.config import (
+    RunConfig,
+    flatten,
+    merge_structured,
+    read_yaml,
+    to_yaml,
+    validate_run_config,
+    with_defaults,
+)
 from inflora_dist.writes import write_json, write_text
 
 CONFIG_NAME = "config.yaml"
@@ -34,8 +42,8 @@ UNRECORDED_KEYS = ("resume", "output_dir")
 
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[dict[str, Any]]:
     """[{key, old, new}] for every leaf key (lists are leaves) on which two config dicts differ, sorted by key;
-    UNRECORDED_KEYS are left out."""
-    old, new = flatten(saved), flatten(current)
+    UNRECORDED_KEYS are left out, and a key `saved` lacks counts at its default (config.with_defaults)."""
+    old, new = with_defaults(saved), flatten(current)
     keys = sorted(k for k in set(old) | set(new) if k not in UNRECORDED_KEYS and old.get(k) != new.get(k))
     return [{"key": k, "old": old.get(k), "new": new.get(k)} for k in keys]
 

@@ -119,8 +119,10 @@ class ImageClassification:
         self.bucket_bytes = cfg.inflora.reduce_bucket_bytes  # the class sums reduce like the covariances
         self.task_names = [t.name for t in seq.tasks]
         self.class_names = [n for t in seq.tasks for n in (t.class_names or [None] * len(t.classes or []))]
+        # What a user of the export does to an image: the eval recipe (data/transforms.py), then the model's.
         self.preprocess = {"image_size": cfg.model.image_size, "channels": cfg.model.channels,
-                           "mean": list(cfg.model.mean), "std": list(cfg.model.std)}  # fmt: skip
+                           "mean": list(cfg.model.mean), "std": list(cfg.model.std),
+                           "transform": cfg.data.eval_transform}  # fmt: skip
         self.prototypes = torch.zeros(0, self.model.hidden, device=device)  # the seen classes' means
         self.tokens_per_image = image_tokens(self.model.backbone.config, cfg.model.image_size)
 
@@ -271,6 +273,7 @@ class InstructionTuning:
         self.tokenizer = load_tokenizer(cfg.model)
         self.model: nn.Module = load_backbone(cfg.model, self.auto_class, zero3_config).to(device)  # see above
         self.system_prompts = {t.name: t.instruction.system_prompt if t.instruction else None for t in seq.tasks}
+        self.chat_template = cfg.model.chat_template  # auto | none: the prompt format of training and generation
         # Generation under ZeRO-3 with several ranks: every rank runs forwards until all are done.
         self.synced = cfg.deepspeed.zero_stage == 3 and dist.get_world_size() > 1
         self.new_tokens = [self._new_tokens(t, cfg.model.max_new_tokens) for t in range(len(seq.tasks))]
@@ -298,7 +301,8 @@ class InstructionTuning:
 
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         rows = batch["json"]
-        tensors = collate_examples(self.tokenizer, rows, batch["weight"], self.max_length, self._system_prompts(rows))
+        tensors = collate_examples(self.tokenizer, rows, batch["weight"], self.max_length, self._system_prompts(rows),
+                                   self.chat_template)  # fmt: skip
         return {k: v.to(self.device) for k, v in tensors.items()}
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -321,7 +325,7 @@ class InstructionTuning:
 
     def generate(self, engine: Any, rows: Sequence[dict[str, str]], max_new_tokens: int) -> list[str]:
         """Greedy answers to the rows' prompts (the text after the prompt, special tokens dropped)."""
-        prompts = collate_prompts(self.tokenizer, rows, self.max_length, self._system_prompts(rows))
+        prompts = collate_prompts(self.tokenizer, rows, self.max_length, self._system_prompts(rows), self.chat_template)
         prompts = {k: v.to(self.device) for k, v in prompts.items()}
         out = engine.module.generate(**prompts, generation_config=self._greedy(max_new_tokens), synced_gpus=self.synced)
         return self.tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -284,18 +284,25 @@ def test_micro_steps_hold_the_same_samples_on_one_and_two_ranks(sequence):
 
 
 def test_imagefolder_source(tmp_path, fmnist):
-    """One sub-folder of images per class (the layout of ImageNet-R): resized JPEGs, seeded eval split."""
+    """One sub-folder of images per class (the layout of ImageNet-R): the files' bytes as they are, a seeded eval
+    split; a transform in the loader makes the batch's images (here: squashed to 32 px, RGB)."""
     from PIL import Image
+
+    from inflora_dist.data.transforms import build_transform
 
     for c in range(4):
         (tmp_path / "src" / f"class{c}").mkdir(parents=True)
         for i in range(10):
             Image.fromarray(fmnist["train_images"][c * 10 + i]).save(tmp_path / "src" / f"class{c}" / f"{i}.png")
     config = main(["imagefolder", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--tasks", "2",
-                   "--classes-per-task", "2", "--image-size", "32", "--eval-fraction", "0.2", "--quiet"])  # fmt: skip
+                   "--classes-per-task", "2", "--eval-fraction", "0.2", "--quiet"])  # fmt: skip
     assert sum(t.train.samples for t in config.tasks) == 32 and sum(t.eval.samples for t in config.tasks) == 8
-    batch = next(iter(TaskLoader(open_task(config, 0, "train", batch_size=4, mode="exact", rank=0, world_size=1))))
-    assert batch["jpg"].shape == (4, 32, 32, 3) and batch["jpg"].dtype == torch.uint8
+    stream = open_task(config, 0, "train", batch_size=4, mode="exact", rank=0, world_size=1)
+    assert next(iter(TaskLoader(stream)))["png"].shape == (4, 28, 28)  # the files' own pixels
+    stream = open_task(config, 0, "train", batch_size=4, mode="exact", rank=0, world_size=1,
+                       transform=build_transform("resize", 32), channels=3)  # fmt: skip
+    batch = next(iter(TaskLoader(stream)))
+    assert batch["png"].shape == (4, 32, 32, 3) and batch["png"].dtype == torch.uint8
     assert set(batch["cls"].tolist()) <= set(config.tasks[0].classes)
     for task in config.tasks:  # the folder names name the classes
         assert task.class_names == [f"class{c}" for c in task.classes]

@@ -26,7 +26,7 @@ def image_folder(root, images_per_class: dict[str, int]):
 
 def build_images(root, out, tasks: int, classes_per_task: int, *extra: str):
     return main(["imagefolder", "--root", str(root), "--out", str(out), "--tasks", str(tasks), "--classes-per-task",
-                 str(classes_per_task), "--image-size", "8", "--quiet", *extra])  # fmt: skip
+                 str(classes_per_task), "--quiet", *extra])  # fmt: skip
 
 
 def test_an_empty_class_folder_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
@@ -35,7 +35,7 @@ def test_an_empty_class_folder_is_skipped_with_a_warning_naming_it(tmp_path, cap
     root = image_folder(tmp_path / "src", {"a": 3, "b": 3, "c": 3, "d": 0})
     (root / "d" / "notes.txt").write_text("not an image")
     with caplog.at_level(logging.WARNING):
-        folder = ImageFolder(root, image_size=8)
+        folder = ImageFolder(root)
     assert folder.classes == ["a", "b", "c"] and sorted(set(folder.labels.tolist())) == [0, 1, 2]
     assert folder.empty == [root / "d"]
     assert [r.levelno for r in caplog.records if str(root / "d") in r.getMessage()] == [logging.WARNING]

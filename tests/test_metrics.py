@@ -5,19 +5,29 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from inflora_dist.metrics import (
     AccuracyMatrix,
+    JointScores,
+    MatrixScores,
     average_accuracies,
     average_accuracy,
     average_incremental_accuracy,
     backward_transfer,
     forgetting,
     format_table,
+    main,
+    pooled_accuracies,
+    pooled_metrics,
     save_metrics,
     save_plots,
+    summarize_runs,
 )
 
 # R[i][j]: accuracy on task j after training task i.
@@ -225,3 +235,130 @@ def test_ap_and_ft_are_gainloras_definitions() -> None:
         cl, fgt = _gainlora_cl_and_fgt(rows)
         assert data["ap"] == pytest.approx(cl, abs=1e-12) and data["ap"] == data["avg_acc"]
         assert data["ft"] == pytest.approx(fgt, abs=1e-12) and data["ft"] == data["forgetting"]
+
+
+# --------------------------------------------------------------------------- pooled accuracy (the paper's)
+
+# A hand count: tasks of 10, 30 and 20 eval samples; correct answers after each task:
+#   after task 0: task 0  9/10                      -> pooled  9/10            = 90.0
+#   after task 1: task 0  8/10, task 1 21/30         -> pooled (8+21)/40        = 72.5
+#   after task 2: task 0  6/10, task 1 15/30, task 2 15/20 -> (6+15+15)/60      = 60.0
+EVAL_COUNTS = [10, 30, 20]
+CORRECT = [[9], [8, 21], [6, 15, 15]]
+COUNTED_ROWS = [[100.0 * c / n for c, n in zip(row, EVAL_COUNTS, strict=False)] for row in CORRECT]
+
+
+def test_pooled_accuracy_is_the_hand_count_not_the_task_mean() -> None:
+    assert COUNTED_ROWS == [[90.0], [80.0, 70.0], [60.0, 50.0, 75.0]]
+    pooled = pooled_accuracies(COUNTED_ROWS, EVAL_COUNTS)
+    assert pooled == pytest.approx([90.0, 72.5, 60.0])
+    assert pooled[-1] != pytest.approx(average_accuracy(COUNTED_ROWS))  # 60.0 pooled, 61.67 by task: unbalanced
+    assert pooled_metrics(COUNTED_ROWS, EVAL_COUNTS) == {
+        "pooled_acc": pytest.approx([90.0, 72.5, 60.0]),
+        "pooled_final": pytest.approx(60.0),
+        "pooled_avg": pytest.approx((90.0 + 72.5 + 60.0) / 3),
+    }
+    # Balanced tasks: pooled is the per-task mean.
+    assert pooled_accuracies(ROWS, [7, 7, 7]) == pytest.approx(A)
+
+
+def test_pooled_accuracy_of_a_joint_run_pools_all_tasks() -> None:
+    scores = JointScores(["accuracy_matrix"])
+    scores.add([COUNTED_ROWS[-1]])
+    assert pooled_metrics(scores.primary_rows(), EVAL_COUNTS) == {
+        "pooled_acc": pytest.approx([60.0]),
+        "pooled_final": pytest.approx(60.0),
+        "pooled_avg": pytest.approx(60.0),
+    }
+    # A sequence's scores: one pooled value per trained task, and the counts may cover tasks still to come.
+    seq = MatrixScores(["accuracy_matrix"], num_tasks=4)
+    for row in COUNTED_ROWS[:2]:
+        seq.add([row])
+    assert pooled_accuracies(seq.primary_rows(), [*EVAL_COUNTS, 5]) == pytest.approx([90.0, 72.5])
+
+
+def test_pooled_accuracy_validation() -> None:
+    with pytest.raises(ValueError, match="row 2 scores 3 tasks but eval_counts has 2"):
+        pooled_accuracies(COUNTED_ROWS, [10, 30])
+    with pytest.raises(ValueError, match=r"eval_counts\[1\]"):
+        pooled_accuracies(COUNTED_ROWS, [10, -1, 20])
+    with pytest.raises(ValueError, match="no eval samples"):
+        pooled_accuracies([[0.0]], [0, 5])
+    with pytest.raises(ValueError, match="no rows"):
+        pooled_metrics([], EVAL_COUNTS)
+
+
+# --------------------------------------------------------------------------- summarize over seeds
+
+
+def _run(root: Path, name: str, **values: object) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"num_tasks": 2, "accuracy_matrix": [[90.0], [80.0, 70.0]],
+                                                  **values}))  # fmt: skip
+    return run
+
+
+SEEDS = {
+    "seed0": {"pooled_final": 75.0, "pooled_avg": 80.0, "avg_acc": 74.0, "avg_incremental_acc": 79.0, "bwt": -2.0,
+              "forgetting": 3.0},
+    "seed1": {"pooled_final": 76.0, "pooled_avg": 81.5, "avg_acc": 75.0, "avg_incremental_acc": 80.0, "bwt": -1.0,
+              "forgetting": 2.0},
+    "seed2": {"pooled_final": 77.5, "pooled_avg": 80.5, "avg_acc": 76.0, "avg_incremental_acc": 81.0, "bwt": -3.0,
+              "forgetting": 4.0},
+}  # fmt: skip
+
+
+def test_summarize_prints_mean_and_sample_std_per_key(tmp_path, capsys) -> None:
+    runs = [str(_run(tmp_path, name, **values)) for name, values in SEEDS.items()]
+    assert main(["summarize", *runs, "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads(lines[-1])
+    keys = ["pooled_final", "pooled_avg", "avg_acc", "avg_incremental_acc", "bwt", "forgetting"]
+    assert list(summary["metrics"]) == keys and summary["runs"] == runs
+    assert [line.split()[0] for line in lines[:-1]] == keys  # one line per key, the paper's first
+    # By hand: pooled_final 75, 76, 77.5 -> mean 76.1667; deviations -1.1667, -0.1667, 1.3333;
+    # squares 1.3611 + 0.0278 + 1.7778 = 3.1667, / (3 - 1) = 1.5833, sqrt -> 1.2583
+    final = summary["metrics"]["pooled_final"]
+    assert final["mean"] == pytest.approx(228.5 / 3) and final["std"] == pytest.approx(1.2583, abs=1e-4)
+    assert final["n"] == 3 and final["values"] == [75.0, 76.0, 77.5]
+    for key in keys:
+        values = [SEEDS[name][key] for name in SEEDS]
+        got = summary["metrics"][key]
+        assert got["mean"] == pytest.approx(statistics.mean(values))
+        assert got["std"] == pytest.approx(statistics.stdev(values))
+    assert lines[0].split()[1:4] == ["76.17", "±", "1.26"]
+    assert summary["skipped"] == {} and summary["notes"] == []
+
+
+def test_summarize_skips_a_key_a_run_lacks_and_notes_it(tmp_path, capsys) -> None:
+    old = {k: v for k, v in SEEDS["seed1"].items() if not k.startswith("pooled")}  # written before pooled_*
+    runs = [_run(tmp_path, "seed0", **SEEDS["seed0"]), _run(tmp_path, "seed1", **old)]
+    assert main(["summarize", *map(str, runs)]) == 0
+    captured = capsys.readouterr()
+    assert [line.split()[0] for line in captured.out.splitlines()] == ["avg_acc", "avg_incremental_acc", "bwt",
+                                                                       "forgetting"]  # fmt: skip
+    assert f"note: pooled_final skipped: not in the metrics.json of {runs[1]}" in captured.err
+    one = summarize_runs([runs[0] / "metrics.json"])  # a metrics.json itself; one run: no deviation
+    assert one["metrics"]["pooled_final"] == {"mean": 75.0, "std": None, "n": 1, "values": [75.0]}
+    # A run still in progress, or of another sequence, is noted.
+    (runs[1] / "metrics.json").write_text(json.dumps({**old, "num_tasks": 3, "accuracy_matrix": [[1.0]],
+                                                      "task_names": ["x"]}))  # fmt: skip
+    notes = summarize_runs(runs)["notes"]
+    assert notes == [f"{runs[1]} is in progress: 1 of 3 tasks scored"]
+
+
+def test_summarize_names_runs_without_metrics(tmp_path) -> None:
+    good = _run(tmp_path, "seed0", **SEEDS["seed0"])
+    (tmp_path / "seed1").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no metrics.json in 2 of 3 runs: .*seed1/metrics.json, .*seed2"):
+        summarize_runs([good, tmp_path / "seed1", tmp_path / "seed2"])
+    (tmp_path / "seed1" / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"seed1/metrics\.json: expected a JSON object"):
+        summarize_runs([good, tmp_path / "seed1"])
+    # The command prints that as one line and exits 2 (inflora_dist.errors.run_command).
+    command = [sys.executable, "-m", "inflora_dist.metrics", "summarize", str(good), str(tmp_path / "gone")]
+    proc = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().endswith("(not a run's output_dir, or a run that has not finished its first task)")
+    assert f"error: FileNotFoundError: no metrics.json in 1 of 2 runs: {tmp_path / 'gone'}" in proc.stderr

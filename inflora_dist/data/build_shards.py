@@ -22,11 +22,13 @@ import argparse
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from tqdm import tqdm
 
 from inflora_dist.config import to_yaml
@@ -41,7 +43,13 @@ from inflora_dist.data.sources.fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
-from inflora_dist.data.sources.image_folder import IMAGE_SUFFIXES, ImageFolder, image_folder_data, split_by_class
+from inflora_dist.data.sources.image_folder import (
+    IMAGE_SUFFIXES,
+    EncodedImage,
+    ImageFolder,
+    image_folder_data,
+    split_by_class,
+)
 from inflora_dist.data.sources.records import RECORD_FORMATS, read_records
 from inflora_dist.data.spec import (
     METRICS,
@@ -79,16 +87,63 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- builders
-def split_classes(classes: Sequence[int], num_tasks: int, classes_per_task: int, seed: int) -> list[list[int]]:
-    """A seeded class order cut into `num_tasks` tasks of `classes_per_task` classes."""
-    if num_tasks * classes_per_task > len(classes):
+#: `--class-order` values besides a file: the dataset's own order (sorted ids, as the reference keeps it with
+#: `"shuffle": false`), or a seeded shuffle.
+CLASS_ORDERS = ("dataset", "shuffled")
+
+
+def split_classes(
+    classes: Sequence[int],
+    num_tasks: int,
+    classes_per_task: int,
+    seed: int,
+    order: str = "shuffled",
+    class_names: Sequence[str] | None = None,
+) -> list[list[int]]:
+    """The classes in `order` cut into `num_tasks` tasks of `classes_per_task` classes, in sequence.
+
+    `order`: "dataset" (sorted ids), "shuffled" (a seeded shuffle; each task's ids sorted) or the path of a
+    class order file (`read_class_order`: ids or names, kept as listed within each task)."""
+    if order == "dataset":
+        ordered = sorted(classes)
+    elif order == "shuffled":
+        ordered = sorted(classes)
+        random.Random(seed).shuffle(ordered)
+    else:
+        ordered = read_class_order(order, class_names)
+        unknown = sorted(set(ordered) - set(classes))
+        repeated = sorted(c for c, n in Counter(ordered).items() if n > 1)
+        if unknown or repeated:
+            raise ValueError(f"class order file {order}: ids not in the data {unknown}, listed twice {repeated}")
+    if num_tasks * classes_per_task > len(ordered):
         raise ValueError(
             f"{num_tasks} tasks x {classes_per_task} classes need {num_tasks * classes_per_task} classes, "
-            f"the data has {len(classes)}"
+            f"the {'class order' if order not in CLASS_ORDERS else 'data'} has {len(ordered)}"
         )
-    order = sorted(classes)
-    random.Random(seed).shuffle(order)
-    return [sorted(order[i * classes_per_task : (i + 1) * classes_per_task]) for i in range(num_tasks)]
+    tasks = [ordered[i * classes_per_task : (i + 1) * classes_per_task] for i in range(num_tasks)]
+    return [sorted(t) for t in tasks] if order == "shuffled" else tasks
+
+
+def read_class_order(path: str | Path, class_names: Sequence[str] | None = None) -> list[int]:
+    """A class order file: a YAML or JSON list, or one entry per line, of class ids, or of class names where
+    the source names its classes. Raises ValueError naming the file and an entry it cannot place."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise FileNotFoundError(f"class order file {path}: {err.strerror or err}") from None
+    try:
+        entries = yaml.safe_load(text) if text.lstrip().startswith("[") else [e.strip() for e in text.splitlines()]
+    except yaml.YAMLError as err:
+        raise ValueError(f"class order file {path}: not a YAML list ({err})") from None
+    order = []
+    for entry in (e for e in entries if str(e).strip()):
+        if isinstance(entry, int) or str(entry).isdigit():
+            order.append(int(entry))
+        elif class_names is not None and str(entry) in class_names:
+            order.append(list(class_names).index(str(entry)))
+        else:
+            raise ValueError(f"class order file {path}: {entry!r} is neither a class id nor a class name")
+    return order
 
 
 def _pick(labels: np.ndarray, classes: Sequence[int], per_class: int | None, rng: random.Random) -> list[int]:
@@ -119,9 +174,11 @@ def _finish(out: str, config: TaskSequenceConfig, shards: list[ShardInfo], stora
     write_small_file(out, "tasks.yaml", to_yaml(config), storage_options)
 
 
-def _image_sample(key: str, image: np.ndarray | bytes, label: int) -> dict[str, Any]:
-    # Arrays are stored exactly (.npy); encoded images (ImageFolder) as JPEG bytes.
-    return {"__key__": key, "jpg" if isinstance(image, bytes) else "npy": image, "cls": label}
+def _image_sample(key: str, image: np.ndarray | EncodedImage, label: int) -> dict[str, Any]:
+    # Arrays are stored exactly (.npy); encoded images (ImageFolder) as they were encoded, under their format.
+    if isinstance(image, EncodedImage):
+        return {"__key__": key, image.field: image.data, "cls": label}
+    return {"__key__": key, "npy": image, "cls": label}
 
 
 def _split_spec(shards: list[ShardInfo]) -> SplitSpec:
@@ -142,20 +199,23 @@ def build_classification(
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     class_names: Sequence[str] | None = None,
+    class_order: str = "shuffled",
 ) -> TaskSequenceConfig:
     """A class-incremental sequence from (images, labels); returns the written task sequence.
 
-    `class_names[c]` names class id c (written to each task's `class_names`).
+    `class_names[c]` names class id c (written to each task's `class_names`); `class_order` orders the
+    classes into tasks (`split_classes`).
 
     `images` is an array (samples stored as `.npy`) or anything indexable
-    giving encoded JPEG bytes, such as ImageFolder (stored as `.jpg`). Each
-    sample is `{"__key__": "<split>-<source index>", "npy" or "jpg": image, "cls": label}`.
+    giving `EncodedImage`s, such as ImageFolder (stored as encoded). Each sample
+    is `{"__key__": "<split>-<source index>", "npy" or "jpg", "png", ...: image, "cls": label}`.
     """
     storage_options = dict(storage_options or {})
     (x_train, y_train), (x_eval, y_eval) = train, evaluation
     if len(x_train) != len(y_train) or len(x_eval) != len(y_eval):
         raise ValueError("images and labels differ in length")
-    task_classes = split_classes(np.unique(y_train).tolist(), num_tasks, classes_per_task, seed)
+    task_classes = split_classes(np.unique(y_train).tolist(), num_tasks, classes_per_task, seed, class_order,
+                                 class_names)  # fmt: skip
     rng = random.Random(seed)
     plan = []
     for i, classes in enumerate(task_classes):
@@ -277,8 +337,13 @@ def _parser() -> argparse.ArgumentParser:
             help=f"scoring of a task, one of {METRICS} (default exact_match)",
         )  # fmt: skip
 
-    def classification(s: argparse.ArgumentParser) -> None:
+    def classification(s: argparse.ArgumentParser, order: str = "dataset") -> None:
         common(s)
+        s.add_argument(
+            "--class-order", default=order, metavar="dataset|shuffled|FILE",
+            help=f"classes into tasks: the dataset's order (sorted ids), a --seed shuffle, or a file listing ids or "
+            f"names (default {order})",
+        )  # fmt: skip
         s.add_argument("--tasks", type=int, required=True, help="number of tasks")
         s.add_argument("--classes-per-task", type=int, required=True)
         s.add_argument("--train-per-class", type=int, default=None, help="training samples per class (default all)")
@@ -286,14 +351,23 @@ def _parser() -> argparse.ArgumentParser:
 
     fm = sub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files -> class-incremental tasks")
     fm.add_argument("--source", default=FASHION_MNIST_DIR, help=f"directory of the IDX files ({FASHION_MNIST_DIR})")
-    classification(fm)
+    classification(fm, order="shuffled")  # the demo's tasks
     im = sub.add_parser("imagefolder", help="one sub-folder of images per class -> class-incremental tasks")
-    im.add_argument("--root", required=True, help="folder with one sub-folder per class (e.g. ImageNet-R)")
-    im.add_argument("--eval-root", default=None, help="a separate eval folder; else --eval-fraction of --root")
     im.add_argument(
-        "--eval-fraction", type=float, default=0.2, help="seeded eval share of each class when no --eval-root (0.2)"
+        "--root", required=True,
+        help="folder with one sub-folder per class (e.g. ImageNet-R), or with train/ and test/ of them, or the "
+        "root of the split files' relative paths",
+    )  # fmt: skip
+    im.add_argument("--eval-root", default=None, help="a separate eval folder; else --eval-fraction of --root")
+    im.add_argument("--train-split", default=None, help="split file {data: [paths], targets: [ids]} (YAML/JSON)")
+    im.add_argument("--eval-split", default=None, help="the eval split's file, with --train-split")
+    im.add_argument(
+        "--eval-fraction", type=float, default=0.2, help="seeded eval share of each class when no split (0.2)"
     )
-    im.add_argument("--image-size", type=int, default=224, help="images are resized to this square (224)")
+    im.add_argument(
+        "--max-side", type=int, default=None,
+        help="shrink images whose longer side exceeds this (re-encoded); default: every file's bytes as they are",
+    )  # fmt: skip
     classification(im)
     ar = sub.add_parser("arrays", help=".npy image and label arrays -> class-incremental tasks")
     for name in ("train-images", "train-labels", "eval-images", "eval-labels"):
@@ -390,8 +464,9 @@ def _build(args: argparse.Namespace) -> TaskSequenceConfig:
             data, names = load_fashion_mnist(args.source), FASHION_MNIST_CLASSES
         elif args.command == "imagefolder":
             data = image_folder_data(
-                args.root, args.eval_root, eval_fraction=args.eval_fraction, image_size=args.image_size,
-                seed=args.seed, num_tasks=args.tasks, classes_per_task=args.classes_per_task,
+                args.root, args.eval_root, eval_fraction=args.eval_fraction, seed=args.seed,
+                num_tasks=args.tasks, classes_per_task=args.classes_per_task, max_side=args.max_side,
+                train_split=args.train_split, eval_split=args.eval_split,
             )  # fmt: skip
             names = data.pop("class_names")
         else:
@@ -407,6 +482,7 @@ def _build(args: argparse.Namespace) -> TaskSequenceConfig:
             train_per_class=args.train_per_class,
             eval_per_class=args.eval_per_class,
             class_names=names,
+            class_order=args.class_order,
             **common,
         )
     logger.info("wrote %d tasks to %s (task sequence: %s)", len(config.tasks), args.out, config.url("tasks.yaml"))

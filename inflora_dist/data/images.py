@@ -54,3 +54,21 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
             return np.asarray(to_mode(image, "L" if channels == 1 else "RGB", path))
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise ImageError(f"cannot read image {path}: {err}") from None
+
+
+def decode_image(data: bytes | np.ndarray, channels: int, source: str) -> Any:
+    """A shard sample's image, encoded bytes (`.jpg`, `.png`, ...) or an array (`.npy`), as a PIL image of mode
+    "L" for a one-channel model, else "RGB" (as `read_image` converts files). Raises ImageError naming `source`
+    (the sample) when it cannot be decoded."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(data, np.ndarray):
+        return to_mode(Image.fromarray(data), "L" if channels == 1 else "RGB", source)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_mode(image, "L" if channels == 1 else "RGB", source)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot decode the image of sample {source}: {err}") from None

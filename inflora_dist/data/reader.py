@@ -32,7 +32,7 @@ import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -41,10 +41,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from inflora_dist import dist
+from inflora_dist.data.images import decode_image
 from inflora_dist.data.plan import RankPlan, Segment, plan_rank, replay_round_robin, worker_blocks
 from inflora_dist.data.shards import sample_digest
 from inflora_dist.data.spec import TaskSequenceConfig
 from inflora_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from inflora_dist.data.transforms import Transform
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +117,12 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "png": _image,
     "jpg": _image,
     "jpeg": _image,
+    "bmp": _image,
+    "webp": _image,
 }
+
+#: The fields that hold a sample's image: a transform (data.train_transform) decodes and transforms them itself.
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "bmp", "webp", "npy")
 
 
 @functools.lru_cache(maxsize=256)
@@ -141,6 +150,13 @@ def collate(rows: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> dict
             continue
         values = [r[key] for r in rows]
         if isinstance(first, np.ndarray):
+            shapes = sorted({v.shape for v in values})
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"samples {rows[0]['__key__']}, ... hold `{key}` arrays of {len(shapes)} shapes ({shapes[0]}, "
+                    f"{shapes[1]}, ...): a batch needs one; images of several sizes need a transform that makes them "
+                    "one (data.train_transform and data.eval_transform, e.g. resize)"
+                )
             batch[key] = torch.from_numpy(np.stack(values))
         elif isinstance(first, (bool, int, float)):
             batch[key] = torch.tensor(values)
@@ -295,6 +311,11 @@ class TaskStream(IterableDataset):
     plan.py). Use `set_epoch` before each epoch and `resume(n)` to skip the n
     batches this rank already consumed in the epoch (normally through
     `TaskLoader`); skipping reads nothing.
+
+    With `transform` (a recipe of data/transforms.py) each sample's image is
+    decoded to a PIL image of `channels` channels and transformed in the
+    loader worker, drawing from (seed, epoch, the sample's key): the same
+    pixels whichever rank or worker reads it, and again after a resume.
     """
 
     def __init__(
@@ -313,7 +334,8 @@ class TaskStream(IterableDataset):
         accumulation: int = 1,
         interleave: bool = False,
         storage_options: Mapping[str, Any] | None = None,
-        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        transform: Transform | None = None,
+        channels: int = 3,
         on_error: str = "raise",
     ) -> None:
         super().__init__()
@@ -337,7 +359,7 @@ class TaskStream(IterableDataset):
         self.rank = dist.get_rank() if rank is None else rank
         self.world_size = dist.get_world_size() if world_size is None else world_size
         self.storage_options = dict(storage_options or {})
-        self.transform, self.on_error = transform, on_error
+        self.transform, self.channels, self.on_error = transform, channels, on_error
         self.epoch, self.consumed = 0, 0
         self.plan()  # validates rank, world size and batch size now, not in a worker
 
@@ -368,8 +390,14 @@ class TaskStream(IterableDataset):
         return self.plan().num_batches
 
     def _decode(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        sample = decode_sample(raw)
-        return self.transform(sample) if self.transform else sample
+        field = next((f for f in IMAGE_FIELDS if f in raw), None) if self.transform else None
+        if field is None:
+            return decode_sample(raw)
+        sample = decode_sample({k: v for k, v in raw.items() if k != field})
+        data = npy_loads(raw[field]) if field == "npy" else raw[field]
+        image = decode_image(data, self.channels, raw["__key__"])
+        sample[field] = self.transform.pixels(image, self.seed, self.epoch, raw["__key__"])
+        return sample
 
     def _rows(self, reader: ShardReader, plan: RankPlan, batch: int) -> list[dict[str, Any]]:
         rows = []

@@ -257,11 +257,20 @@ class Transform:
         """Whether it draws (training recipes); eval recipes are deterministic."""
         return any(step.random for step in self.steps)
 
-    def __call__(self, img: Image.Image, seed: int, epoch: int, sample_key: str) -> np.ndarray:
+    def image(self, img: Image.Image, seed: int, epoch: int, sample_key: str) -> Image.Image:
+        """The recipe's steps applied to `img`, drawing from `sample_rng(seed, epoch, sample_key)`."""
         rng = sample_rng(seed, epoch, sample_key) if self.random else None
         for step in self.steps:
             img = step(img, rng)
-        return to_array(img)
+        return img
+
+    def pixels(self, img: Image.Image, seed: int, epoch: int, sample_key: str) -> np.ndarray:
+        """The transformed image's 8-bit pixels, (H, W, C) or (H, W): what the data loader ships to the model,
+        whose `uint8 / 255` then equals `to_array` (ToTensor) exactly, at a quarter of the bytes."""
+        return np.asarray(self.image(img, seed, epoch, sample_key))
+
+    def __call__(self, img: Image.Image, seed: int, epoch: int, sample_key: str) -> np.ndarray:
+        return to_array(self.image(img, seed, epoch, sample_key))
 
 
 def _train(scale: tuple[float, float]) -> Callable[[int], tuple[Step, ...]]:
@@ -299,3 +308,9 @@ def build_transform(name: str, image_size: int) -> Transform:
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     return Transform(name, TRANSFORMS[name](image_size))
+
+
+def configured_transform(name: str | None, image_size: int) -> Transform | None:
+    """The recipe a run config names (`data.train_transform`, `data.eval_transform`), or None when it names
+    none (the images as stored, which the model resizes)."""
+    return build_transform(name, image_size) if name else None
