@@ -83,7 +83,11 @@ def test_a_second_run_into_the_same_directory_stops_at_once(shards, tmp_path):
     while not (out / LOCK_NAME).exists():
         assert first.poll() is None and time.monotonic() < deadline, "the first run took no lock"
         time.sleep(0.05)
-    second = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+    first.send_signal(signal.SIGSTOP)  # held mid-run: the tiny run would otherwise finish before the second starts
+    try:
+        second = _run(f"output_dir={out}", f"data.tasks={shards}/tasks.yaml")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode != 0
     assert f"run directory {out} is in use by another run (host " in second.stderr, second.stderr[-2000:]
     assert f"pid {first.pid}" in second.stderr
