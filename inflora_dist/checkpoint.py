@@ -231,8 +231,8 @@ def check_resumable(
     if problems:
         raise ValueError(
             f"checkpoint {path} was written with another config; these change the saved state's shapes or "
-            "meaning and must stay as they were (or start afresh: resume=never, or another output_dir):\n  "
-            + "\n  ".join(problems)
+            "meaning, or which run it is (seed), and must stay as they were (or start afresh: resume=never, or "
+            "another output_dir):\n  " + "\n  ".join(problems)
         )
     progress = meta["progress"]
     if len(records) > len(saved):
