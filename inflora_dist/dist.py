@@ -276,14 +276,18 @@ def sum_in_buckets_(segments: Sequence[Segment], bucket_bytes: int, dst: int | N
 
 
 def raise_agreed(failure: str, error: Callable[[str], BaseException]) -> None:
-    """Raise `error(message)` on every rank if `failure` is non-empty on any rank; the message joins each
-    failing rank's `failure` (named by rank when several run). Collective: one all-reduce, plus an all-gather
-    only when a rank failed."""
-    if not any_rank(bool(failure)):
-        return
+    """Raise `error(message)` on every rank if `failure` is non-empty on any rank; the message is
+    `gathered_failures`. Collective: one all-reduce, plus an all-gather only when a rank failed."""
+    if any_rank(bool(failure)):
+        raise error(gathered_failures(failure))
+
+
+def gathered_failures(failure: str) -> str:
+    """Every failing rank's `failure` ("" where a rank did not fail), joined and named by rank when several run.
+    Collective (an all-gather): call it once the ranks know that one failed."""
     failures = all_gather_json(failure)
     several = get_world_size() > 1
-    raise error("; ".join(f"rank {r}: {m}" if several else m for r, m in enumerate(failures) if m))
+    return "; ".join(f"rank {r}: {m}" if several else m for r, m in enumerate(failures) if m)
 
 
 def barrier() -> None:

@@ -133,6 +133,19 @@ def check_export_target(target: str | Path) -> None:
         )
 
 
+def check_export_targets(targets: Sequence[str | Path]) -> None:
+    """`check_export_target` of each of `targets` on the main process, its refusal raised on every rank.
+    Collective (one all-reduce)."""
+    refused = ""
+    if dist.is_main_process():
+        try:
+            for target in targets:
+                check_export_target(target)
+        except ExportTargetRefused as err:
+            refused = str(err)
+    dist.raise_agreed(refused, ExportTargetRefused)  # collective
+
+
 def _export_entries(marker: Path) -> list[str] | None:
     """The entries an export marker lists; None when `marker` is missing or not one of ours."""
     try:
@@ -165,14 +178,8 @@ def written_atomically(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.partial"
-    main, refused, failure = dist.is_main_process(), "", ""
-    if main:
-        try:
-            check_export_target(target)
-        except ExportTargetRefused as err:
-            refused = str(err)
-    if dist.any_rank(bool(refused)):  # collective
-        raise ExportTargetRefused(refused or f"export target {target} was refused on the main process")
+    main, failure = dist.is_main_process(), ""
+    check_export_targets([target])  # collective
     if main:
         try:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a writer that was killed

@@ -52,7 +52,7 @@ from inflora_dist.data.spec import check_classes, task_records
 from inflora_dist.data.transforms import configured_transform
 from inflora_dist.engine import batch_layout, build_engine, destroy_engine, init_distributed
 from inflora_dist.errors import INTERRUPTED_EXIT_CODE, UserError, WriteError
-from inflora_dist.export import check_export_target, export_class_statistics, export_peft_adapter, written_atomically
+from inflora_dist.export import check_export_targets, export_class_statistics, export_peft_adapter, written_atomically
 from inflora_dist.inject import count_parameters
 from inflora_dist.methods import Stage, assemble, restore
 from inflora_dist.metrics import pooled_metrics, save_metrics
@@ -143,7 +143,7 @@ class ContinualTrainer:
         self._resume_config: dict[str, Any] | None = None
         run_id = self._resume()
         #: a finished run whose exports were written from its last checkpoint: a rerun writes nothing
-        self.done = self._exported()
+        self.done = not dist.any_rank(not self._exported())  # collective: every rank runs the same collectives
         if not self.done:
             self._check_export_targets()  # collective: before anything is written
             self._write_on_main(self._record_config)  # collective; after the resume checks: a refused config
@@ -182,16 +182,9 @@ class ContinualTrainer:
 
     def _check_export_targets(self) -> None:
         """Refuse, before anything is written, export folders that hold what is not an earlier export of this
-        run (export.check_export_target). Collective (one all-reduce)."""
-        targets = ["peft_adapter"] * self.method.trains + ["model"] * self.cfg.export.merged_model
-        refused = ""
-        if dist.is_main_process():
-            try:
-                for name in targets:
-                    check_export_target(self.out / name)
-            except UserError as err:
-                refused = str(err)
-        dist.raise_agreed(refused, ValueError)  # collective
+        run (export.check_export_targets). Collective (one all-reduce)."""
+        names = ["peft_adapter"] * self.method.trains + ["model"] * self.cfg.export.merged_model
+        check_export_targets([self.out / name for name in names])  # collective
 
     def _write_on_main(self, write: Callable[[], object]) -> None:
         """Run `write` on the main process only; a file it could not write (WriteError: a full disk) stops every
@@ -271,14 +264,8 @@ class ContinualTrainer:
                 return
             except ShardError as err:
                 failure = f"{what}: {err.reason}"
-            if dist.any_rank(bool(failure)):  # collective
-                self._raise_unread(failure)
+            dist.raise_agreed(failure, ShardError)  # collective
             yield batch
-
-    def _raise_unread(self, failure: str) -> None:
-        """Raise ShardError on every rank with each rank's read failure (empty: none on this rank). Collective."""
-        gathered = dist.all_gather_json(failure)  # collective
-        raise ShardError("; ".join(f"rank {r}: {m}" if self.world > 1 else m for r, m in enumerate(gathered) if m))
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not dist.is_main_process(), leave=False, dynamic_ncols=True)
@@ -570,7 +557,7 @@ class ContinualTrainer:
         sums = torch.tensor([units, loss, float(bad), float(self._stop), float(bool(unread))], dtype=torch.float64)
         sums = dist.all_reduce_sum_(sums.to(dist.collective_device())).tolist()
         if sums[4]:
-            self._raise_unread(unread)  # collective: before this step's update
+            raise ShardError(dist.gathered_failures(unread))  # collective: before this step's update
         return sums[0], sums[1], sums[2], sums[3] > 0
 
     def _non_finite_message(self, task: int, total: int, bad: int, last_finite: tuple[int, float] | None) -> str:
