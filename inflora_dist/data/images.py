@@ -46,14 +46,20 @@ def to_mode(image: Any, mode: str, source: str | Path) -> Any:
 def read_image(path: str | Path, channels: int) -> np.ndarray:
     """The file's pixels as uint8 (H, W) for a one-channel model, else (H, W, 3). Raises ImageError naming the
     file when it cannot be read (truncated, not an image) or converted."""
+    return np.asarray(_opened(path, channels, path, f"cannot read image {path}"))
+
+
+def _opened(source: Any, channels: int, name: str | Path, failure: str) -> Any:
+    """The image Pillow opens from `source` (a path or a file object), loaded and as mode "L" for a one-channel
+    model, else "RGB" (`to_mode`, named `name`); ImageError `failure: <cause>` when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
-            return np.asarray(to_mode(image, "L" if channels == 1 else "RGB", path))
+            return to_mode(image, "L" if channels == 1 else "RGB", name)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ImageError(f"cannot read image {path}: {err}") from None
+        raise ImageError(f"{failure}: {err}") from None
 
 
 def decode_image(data: bytes | np.ndarray, channels: int, source: str) -> Any:
@@ -62,13 +68,8 @@ def decode_image(data: bytes | np.ndarray, channels: int, source: str) -> Any:
     (the sample) when it cannot be decoded."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(data, np.ndarray):
         return to_mode(Image.fromarray(data), "L" if channels == 1 else "RGB", source)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_mode(image, "L" if channels == 1 else "RGB", source)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ImageError(f"cannot decode the image of sample {source}: {err}") from None
+    return _opened(io.BytesIO(data), channels, source, f"cannot decode the image of sample {source}")
