@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MEMORY_PREFIX = "memory."  # state.safetensors: subspace bases by input group
 STATS_PREFIX = "class_stats."  # state.safetensors: the class statistics' tensors
+METHOD_PREFIX = "method."  # state.safetensors: a method's own tensors beside the model's (GainLoRA's gates)
 
 
 class CheckpointCorrupt(UserError, RuntimeError):
@@ -261,7 +262,7 @@ def restore_model_state(
     """Load a checkpoint's adapters (A, B, task status) and heads into `model`, freshly built from the
     pre-trained weights, and add the merged branches back into those weights (`layers`: its InfLoRALinear
     modules). Tasks the model has room for beyond the checkpoint's stay unused."""
-    adapters = {n: t for n, t in tensors.items() if not n.startswith((MEMORY_PREFIX, STATS_PREFIX))}
+    adapters = {n: t for n, t in tensors.items() if not n.startswith((MEMORY_PREFIX, STATS_PREFIX, METHOD_PREFIX))}
     unknown = set(adapters) - set(model.state_dict())
     if unknown:
         raise RuntimeError(f"checkpoint {source} does not fit this model: unknown tensors {sorted(unknown)[:5]}")

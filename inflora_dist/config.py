@@ -137,6 +137,23 @@ class OLoRAConfig:
 
 
 @dataclass
+class GainLoRAConfig:
+    """GainLoRA's gates (method=gainlora; the defaults are its LLaMA scripts'): the branches (InfLoRA's designed A,
+    or O-LoRA's trained A and its loss terms), scaled by lora_alpha / inflora.rank; one gate network per task of
+    `gate_architecture` (llama: Linear-Linear-SiLU, t5: Linear-SiLU-Linear-SiLU; auto: t5 for seq2seq_lm, else
+    llama) with `gate_hidden` units; the old tasks' gate subspaces grown to the energy threshold
+    lambda_begin + (lambda_end - lambda_begin) t / planned_tasks (the scripts' 0.995 and 1.0 over 15 tasks)."""
+
+    branches: str = "inflora"
+    lora_alpha: float = 32.0
+    gate_architecture: str = "auto"
+    gate_hidden: int = 50
+    lambda_begin: float = 0.995
+    lambda_end: float = 1.0
+    planned_tasks: int = 15
+
+
+@dataclass
 class TrainConfig:
     """Optimisation of each task (Adam and a per-task cosine schedule, as in the reference)."""
 
@@ -255,6 +272,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     inflora: InfLoRAConfig = field(default_factory=InfLoRAConfig)
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
+    gainlora: GainLoRAConfig = field(default_factory=GainLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ca: CAConfig = field(default_factory=CAConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
@@ -265,7 +283,7 @@ class RunConfig:
 
 
 #: The continual-learning methods (methods.METHODS holds their classes).
-METHOD_NAMES = ("inflora", "seq_lora", "joint", "simple_cil", "olora")
+METHOD_NAMES = ("inflora", "seq_lora", "joint", "simple_cil", "olora", "gainlora")
 
 _CHOICES = {
     "method": METHOD_NAMES,
@@ -273,6 +291,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.chat_template": ("auto", "none"),
     "inflora.fold": ("merge", "stack"),
+    "gainlora.branches": ("inflora", "olora"),
+    "gainlora.gate_architecture": ("auto", "llama", "t5"),
     "inflora.reduce": ("all_reduce", "owner"),
     "inflora.accumulation_dtype": ("auto", "float32", "float64"),
     "inflora.covariance_gemm_dtype": ("auto", "float32", "float64"),
@@ -299,11 +319,12 @@ def validate_run_config(cfg: RunConfig) -> None:
     positive = (
         "inflora.rank", "train.global_batch_size", "train.epochs", "train.eval_batch_size", "model.image_size",
         "model.max_length", "model.max_new_tokens", "ca.samples_per_class", "ca.epochs", "inflora.reduce_bucket_bytes",
+        "gainlora.gate_hidden", "gainlora.planned_tasks",
     )  # fmt: skip
     for key in positive:
         if not isinstance(_get(cfg, key), int) or _get(cfg, key) < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {_get(cfg, key)!r}")
-    for key in ("inflora.lambda_begin", "inflora.lambda_end"):
+    for key in ("inflora.lambda_begin", "inflora.lambda_end", "gainlora.lambda_begin", "gainlora.lambda_end"):
         if not 0.0 < _get(cfg, key) <= 1.0:
             raise ValueError(f"{key} must be in (0, 1], got {_get(cfg, key)!r}")
     for key in ("olora.lambda_1", "olora.lambda_2", "train.lr", "train.weight_decay", "train.grad_clip",
@@ -311,8 +332,11 @@ def validate_run_config(cfg: RunConfig) -> None:
                 "ca.weight_decay", "ca.covariance_reg"):  # fmt: skip
         if _get(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {_get(cfg, key)!r}")
-    if cfg.olora.lora_alpha <= 0:
-        raise ValueError(f"olora.lora_alpha must be > 0, got {cfg.olora.lora_alpha!r}")
+    for key in ("olora.lora_alpha", "gainlora.lora_alpha"):
+        if _get(cfg, key) <= 0:
+            raise ValueError(f"{key} must be > 0, got {_get(cfg, key)!r}")
+    if cfg.method == "gainlora":
+        _check_gainlora(cfg)
     if cfg.ca.logit_norm is not None and cfg.ca.logit_norm <= 0:
         raise ValueError(f"ca.logit_norm (a temperature) must be > 0 or null, got {cfg.ca.logit_norm!r}")
     if not 0.0 <= cfg.ca.mean_decay < 1.0:
@@ -370,6 +394,26 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise FileNotFoundError(f"resume: {cfg.resume} is neither auto, never, nor a checkpoint directory")
 
 
+def _check_gainlora(cfg: RunConfig) -> None:
+    """What GainLoRA's gates cannot do, refused before any work."""
+    if cfg.model.kind not in LANGUAGE_MODEL_KINDS:
+        raise ValueError(
+            f"method=gainlora gates each task's branch by the prompt's token embeddings: it needs a language model "
+            f"(model.kind {' or '.join(LANGUAGE_MODEL_KINDS)}), this run is model.kind={cfg.model.kind}"
+        )
+    if cfg.export.merged_model:
+        raise ValueError(
+            "export.merged_model=true with method=gainlora: a merged model (like a PEFT adapter) cannot carry the "
+            "input-dependent gates; a GainLoRA run exports its gated model (<output_dir>/gated_model): unset it"
+        )
+    if cfg.train.gradient_checkpointing and cfg.deepspeed.zero_stage == 3:
+        raise ValueError(
+            "method=gainlora with train.gradient_checkpointing under deepspeed.zero_stage=3: the reentrant "
+            "checkpointing ZeRO-3 needs runs the blocks without a graph, and the gates' gradients pass through "
+            "them; use zero_stage 0-2 or turn checkpointing off"
+        )
+
+
 def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
     """The run config from YAML files merged in order (or defaults), then dotlist overrides, validated.
 
@@ -391,9 +435,9 @@ def load_run_config(paths: str | Sequence[str] | None, overrides: Sequence[str] 
 #: and `inflora.covariance_max_tokens`, and the world size at a task boundary). The data's own identity is
 #: checked apart (the task records' shard checksums, checkpoint.check_resumable).
 #: (A method checks its own: Method.resume_problems, e.g. inflora.planned_tasks against the run's horizon.)
-RESUME_FIXED_KEYS = ("method", "seed", "model.", "inflora.targets", "inflora.layers_to_transform", "inflora.rank",
-                     "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.", "data.train_transform",
-                     "data.eval_transform")  # fmt: skip
+RESUME_FIXED_KEYS = ("method", "seed", "model.", "gainlora.", "inflora.targets", "inflora.layers_to_transform",
+                     "inflora.rank", "inflora.fold", "inflora.lambda_begin", "inflora.lambda_end", "ca.",
+                     "data.train_transform", "data.eval_transform")  # fmt: skip
 #: model keys that only change how evaluation generates, not the state.
 _RESUME_FREE_MODEL_KEYS = ("model.max_new_tokens",)
 

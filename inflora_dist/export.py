@@ -506,12 +506,14 @@ def export_class_statistics(
 
 
 # ---------------------------------------------------------------------- merged model
-def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "") -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "", merge: bool = True
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The state of the modules under `prefix` in their original (unwrapped) names, every branch merged.
 
     Each wrapped layer's weight becomes W + sum of B_t A_t over its started but
     unmerged tasks (merged ones are already in W), computed in float32 and cast
-    to W's dtype; everything else is copied as it is. Names lose `prefix` (e.g.
+    to W's dtype (`merge` False: W as it is, the unmerged branches left out);
+    everything else is copied as it is. Names lose `prefix` (e.g.
     "backbone." for a vision classifier). Under ZeRO-3 each module's parameters
     are gathered in turn (collective: call it on every rank); the copies are on
     the main process's host only (the other ranks return an empty dict: no rank
@@ -539,7 +541,7 @@ def merged_state_dict(model: nn.Module, report: InjectionReport, prefix: str = "
         if not name.startswith(prefix):
             continue
         base = layer.base_layer
-        live = layer.live_tasks()
+        live = layer.live_tasks() if merge else []
         params = [*base.parameters(), *(layer.lora_B(t) for t in live)]
         with dist.gathered_params(params):  # collective under ZeRO-3
             if not keep:

@@ -28,6 +28,10 @@ forward records the active factors as it used them (`active_factors`, for loss
 terms on them: under ZeRO-3 the parameters are gathered only inside the
 forward). `scaling` multiplies every branch (PEFT's lora_alpha / r; 1 for
 InfLoRA, whose A carries its own scale).
+
+A method that weighs the branches per input (GainLoRA's gates) sets `gates`
+(batch, num_tasks) before each forward: every live branch t of row n is then
+multiplied by gates[n, t]. None (the default): every branch counts fully.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ class InfLoRALinear(nn.Module):
         self.active_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("task_status", torch.zeros(num_tasks, dtype=torch.int8, device=device))
         self._status = [UNUSED] * num_tasks  # host mirror: no device sync in forward
+        #: Per-row weights of the branches, (batch, num_tasks), set by a gating method; None: ungated.
+        self.gates: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ access
     def lora_B(self, task_id: int) -> nn.Parameter:
@@ -250,10 +256,22 @@ class InfLoRALinear(nn.Module):
             a = self.lora_A[live].reshape(-1, self.in_features)  # (r * n, d_in)
             b = torch.cat([self.lora_B(t) for t in live], dim=1)  # (d_out, r * n)
         # The branch computes in B's dtype: fp32 adapters on a bf16 base, or bf16 where DeepSpeed cast B.
-        branch = (x.to(b.dtype) @ a.to(b.dtype).T) @ b.T
+        down = x.to(b.dtype) @ a.to(b.dtype).T  # (..., r * n)
+        if self.gates is not None:
+            down = down * self._gate_weights(x, live).to(b.dtype)
+        branch = down @ b.T
         if self.scaling != 1.0:
             branch = branch * self.scaling
         return result + branch.to(result.dtype)
+
+    def _gate_weights(self, x: torch.Tensor, live: list[int]) -> torch.Tensor:
+        """The gates of the live branches, each repeated over its rank, shaped to multiply x A^T (batch, ..., r n)."""
+        gates = self.gates
+        if gates.shape[0] != x.shape[0]:
+            raise ValueError(f"gates for {gates.shape[0]} rows, but the input has {x.shape[0]}: the gates are set "
+                             "per batch, before its forward")  # fmt: skip
+        weights = gates[:, live].repeat_interleave(self.rank, dim=1)  # (batch, r n)
+        return weights.reshape(x.shape[0], *([1] * (x.dim() - 2)), weights.shape[1])
 
     def extra_repr(self) -> str:
         extra = f", train_A=True, scaling={self.scaling:g}" if self.train_A else ""

@@ -183,7 +183,8 @@ class ContinualTrainer:
     def _check_export_targets(self) -> None:
         """Refuse, before anything is written, export folders that hold what is not an earlier export of this
         run (export.check_export_targets). Collective (one all-reduce)."""
-        names = ["peft_adapter"] * self.method.trains + ["model"] * self.cfg.export.merged_model
+        names = ["peft_adapter"] * (self.method.trains and self.method.adapter_export)
+        names += ["model"] * self.cfg.export.merged_model + list(self.method.exports)
         check_export_targets([self.out / name for name in names])  # collective
 
     def _write_on_main(self, write: Callable[[], object]) -> None:
@@ -438,7 +439,7 @@ class ContinualTrainer:
         rows: list[list[float]] = [[] for _ in self.workload.matrices]
         for j in range(upto + 1) if tasks is None else tasks:
             loader = self._loader(j, "eval", "exact", self.cfg.train.eval_batch_size)
-            with self._bar(len(loader), f"evaluate {self.names[j]}") as bar:
+            with self._bar(len(loader), f"evaluate {self.names[j]}") as bar, self.method.evaluating(j, upto):
                 batches = self._agreed(loader, f"task {self.names[j]} eval")
                 scores = score_task(self.workload, engine, batches, j, upto, bar)  # collective
             for row, value in zip(rows, scores, strict=True):
@@ -503,6 +504,7 @@ class ContinualTrainer:
                 if bad_total:
                     raise NonFiniteLoss(self._non_finite_message(task, total, int(bad_total), last_finite))
                 engine.step()  # the update
+                self.method.after_update(engine.get_lr()[0])  # collective: what trains outside the engine
                 last_finite = (self.progress.step + 1, step_loss)
                 samples += sum(float(b["weight"].sum()) for b in batches)
                 self.progress.step += 1
@@ -653,7 +655,7 @@ class ContinualTrainer:
         extra: dict[str, Any] = {"method": self.cfg.method, "task_names": self.names, "task_metrics": self.task_metrics}
         if self.zero_shot is not None:
             extra["zero_shot"] = self._zero_shot_row()
-        extra.update(ca=self.cfg.ca.enabled, timings=self.timings)
+        extra.update(ca=self.cfg.ca.enabled, timings=self.timings, **self.method.metrics())
         # The paper's accuracy: every eval sample of the tasks so far pooled (a joint run's one row: all tasks),
         # each task weighted by its eval samples: the spec's count, which open_task checks equals the index's
         # count of the shards evaluated (the index's per-task entry is by name, stale if tasks.yaml was edited).
@@ -703,15 +705,17 @@ class ContinualTrainer:
 
     def _export(self) -> None:
         """continual_state and class_statistics (.safetensors + .json), the PEFT adapter, with
-        export.merged_model a plain transformers model (model/), then exports.json naming the checkpoint
-        they came from. A file that cannot be written stops every rank with WriteError.
+        export.merged_model a plain transformers model (model/), the method's own folders (GainLoRA's
+        gated_model/), then exports.json naming the checkpoint they came from. A file that cannot be written
+        stops every rank with WriteError.
 
         Collective under ZeRO-3 (B, and for the merged model every parameter, is gathered).
         """
         classes = self.workload.classes
+        stage_names = ["+".join(self.names[t] for t in tasks) for tasks in self.stages]
 
         def write_files() -> None:
-            self.method.export(self.out, ["+".join(self.names[t] for t in tasks) for tasks in self.stages])
+            self.method.export(self.out, stage_names)
             if classes is not None:
                 export_class_statistics(
                     classes.statistics, self.out / "class_statistics.safetensors", classes.class_ids,
@@ -719,7 +723,7 @@ class ContinualTrainer:
                 )  # fmt: skip
 
         self._write_on_main(write_files)  # collective
-        if self.method.trains:  # a method that trains no branch has no adapter
+        if self.method.trains and self.method.adapter_export:  # no branch, or gated ones: no adapter
             with written_atomically(self.out / "peft_adapter") as folder:  # collective
                 export_peft_adapter(
                     self.model, self.method.report, folder, self.cfg.model.pretrained,
@@ -728,6 +732,9 @@ class ContinualTrainer:
         if self.cfg.export.merged_model:
             with written_atomically(self.out / "model") as folder:  # collective
                 self.workload.export_model(self.method.report, folder, self.cfg.export.max_shard_size)
+        for name in self.method.exports:
+            with written_atomically(self.out / name) as folder:  # collective
+                self.method.write_export(name, folder, stage_names)
         # The record that the exports are complete, naming the checkpoint they came from (`_exported`).
         last = self.checkpointer.complete
         self._write_on_main(lambda: write_json(self.out / EXPORTS_NAME, {"checkpoint": last()[-1].name}))  # collective

@@ -13,6 +13,7 @@ The loop (loop.py) is the same for both; a workload supplies what differs:
                               `inflora.covariance_max_tokens` counts
     mask_sides(groups)        which of token_mask's masks each input group follows (encoder-decoder models
                               have two; None: one mask for all)
+    prompt                    which tokens of each forward are the prompt (PromptTap; None for images)
     classes                   the class-incremental side (ClassIncremental: class statistics, class sums, head
                               alignment and prototypes; the classification workload itself), or None
     score(engine, raw, t)     summed evaluation scores of task t's reader batch (all-reduced by the loop)
@@ -30,6 +31,7 @@ response as one sequence, an encoder-decoder LM (T5) the prompt in its encoder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -59,6 +61,7 @@ from inflora_dist.data.text import (
 )
 from inflora_dist.engine import construction_config
 from inflora_dist.export import export_classifier_heads, export_merged_model
+from inflora_dist.gates import PromptTap
 from inflora_dist.inject import InjectionReport
 from inflora_dist.models import (
     DTYPES,
@@ -97,6 +100,7 @@ class ImageClassification:
     matrices = ("accuracy_matrix", "task_incremental_accuracy_matrix", "ncm_accuracy_matrix")
     peft_task_type: str | None = None
     zero_shot = False  # untrained heads score nothing meaningful
+    prompt: PromptTap | None = None  # images: no prompt
 
     auto_class: type = AutoModel  # the transformers family of the backbone
 
@@ -277,6 +281,11 @@ class InstructionTuning:
         # Generation under ZeRO-3 with several ranks: every rank runs forwards until all are done.
         self.synced = cfg.deepspeed.zero_stage == 3 and dist.get_world_size() > 1
         self.new_tokens = [self._new_tokens(t, cfg.model.max_new_tokens) for t in range(len(seq.tasks))]
+        self.prompt = PromptTap(self.prompt_reader())
+
+    def prompt_reader(self) -> nn.Module:
+        """The module whose forward reads the prompt: the causal LM itself."""
+        return self.model
 
     def export_model(self, report: InjectionReport, directory: Path, max_shard_size: str) -> None:
         """The merged causal LM and its tokenizer in `directory`: a checkpoint for any serving stack. Collective
@@ -309,8 +318,14 @@ class InstructionTuning:
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], tasks: Sequence[int]) -> torch.Tensor:
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with self._prompt_of(batch):
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return response_loss(logits, batch["labels"])[0]
+
+    def _prompt_of(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+        """The training sequence's prompt: its real tokens without a label (the response's have one)."""
+        prompt = (batch["labels"] == IGNORE) & batch["attention_mask"].bool()
+        return self.prompt.marked(prompt, batch["weight"])
 
     def token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Every real token, prompt and response; a padding row of the reader (weight 0) counts nothing.
@@ -321,7 +336,8 @@ class InstructionTuning:
 
     def forward(self, engine: Any, batch: dict[str, torch.Tensor], upto: int) -> None:
         """One no-grad forward (for the covariance hooks)."""
-        engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with self._prompt_of(batch):
+            engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def generate(self, engine: Any, rows: Sequence[dict[str, str]], max_new_tokens: int) -> list[str]:
         """Greedy answers to the rows' prompts (the text after the prompt, special tokens dropped)."""
@@ -349,7 +365,8 @@ class InstructionTuning:
         spec = self.seq.tasks[task].instruction
         scorer = SCORERS[spec.metric if spec else "exact_match"]
         rows = raw["json"]
-        answers = self.generate(engine, rows, self.new_tokens[task])
+        with self.prompt.marked(weights=raw["weight"].to(self.device)):
+            answers = self.generate(engine, rows, self.new_tokens[task])
         scores = torch.tensor(
             [scorer(a, r["response"]) for a, r in zip(answers, rows, strict=True)], dtype=torch.float64
         )
@@ -384,6 +401,13 @@ class Seq2SeqInstructionTuning(InstructionTuning):
             )
         self.max_target = cfg.model.max_new_tokens
 
+    def prompt_reader(self) -> nn.Module:
+        """The encoder: its input is the prompt."""
+        return self.model.get_encoder()
+
+    def _prompt_of(self, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+        return self.prompt.marked(weights=batch["weight"])  # the encoder reads the prompt alone
+
     def prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tensors = collate_seq2seq(self.tokenizer, batch["json"], batch["weight"], self.max_length, self.max_target)
         return {k: v.to(self.device) for k, v in tensors.items()}
@@ -395,8 +419,9 @@ class Seq2SeqInstructionTuning(InstructionTuning):
         # The decoder reads the labels shifted right (pad for -100), built as the model builds them; passing the
         # labels themselves would make the model compute a loss of its own that label_loss computes again.
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-        return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      decoder_input_ids=decoder_input_ids)  # fmt: skip
+        with self._prompt_of(batch):
+            return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          decoder_input_ids=decoder_input_ids)  # fmt: skip
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], tasks: Sequence[int]) -> torch.Tensor:
         return label_loss(self._forward(engine, batch).logits, batch["labels"])[0]
@@ -469,6 +494,7 @@ class Workload(Protocol):
     matrices: tuple[str, ...]
     peft_task_type: str | None
     zero_shot: bool
+    prompt: PromptTap | None  # which tokens of a forward are the prompt (None: the model reads no prompt)
 
     @property
     def classes(self) -> ClassIncremental | None:

@@ -7,6 +7,7 @@ reads a finished run build them.
     olora       A_t and B_t trained, A_t pushed orthogonal to the old A's (olora.py)
     seq_lora    random frozen A_t, B_t trained, nothing protected (baselines.py)
     simple_cil  nothing trained, prototype heads (baselines.py)
+    gainlora    InfLoRA's (or O-LoRA's) branches weighed per input by a gate per task (gainlora.py)
 
 A method is chosen by `method:` in the config; adding one means a class here and its name in METHODS.
 """
@@ -24,6 +25,7 @@ from inflora_dist.data import TaskSequenceConfig
 from inflora_dist.inject import inject_inflora
 from inflora_dist.methods.base import Method, Stage
 from inflora_dist.methods.baselines import SeqLoRA, SimpleCIL
+from inflora_dist.methods.gainlora import GainLoRA
 from inflora_dist.methods.inflora import InfLoRAMethod, Joint
 from inflora_dist.methods.olora import OLoRA
 from inflora_dist.workloads import Workload, build_workload
@@ -35,6 +37,7 @@ METHODS: dict[str, type[Method]] = {
     "joint": Joint,
     "simple_cil": SimpleCIL,
     "olora": OLoRA,
+    "gainlora": GainLoRA,
 }
 assert set(METHODS) == set(METHOD_NAMES), "config.METHOD_NAMES lists the methods of this registry"
 
@@ -46,9 +49,10 @@ def assemble(cfg: RunConfig, seq: TaskSequenceConfig, device: torch.device, num_
     `num_tasks` tasks) injected into its model, and the method. Collective: every rank builds the same."""
     kind = METHODS[cfg.method]
     workload = build_workload(cfg, seq, device)
+    options = {"fold": cfg.inflora.fold, **kind.layer_options(cfg)}  # a method may fix the fold (GainLoRA)
     report = inject_inflora(
-        workload.model, cfg.inflora.targets, cfg.inflora.rank, len(kind.stages(num_tasks)), fold=cfg.inflora.fold,
-        layers_to_transform=cfg.inflora.layers_to_transform, **kind.layer_options(cfg),
+        workload.model, cfg.inflora.targets, cfg.inflora.rank, len(kind.stages(num_tasks)),
+        layers_to_transform=cfg.inflora.layers_to_transform, **options,
     )  # fmt: skip
     return workload, kind(cfg, report, workload)
 

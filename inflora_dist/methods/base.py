@@ -9,20 +9,25 @@ at each point where methods differ:
     start_stage(stage)       before training: design or draw the stage's branches (may read the data)
     trainable_parameters(s)  the branch tensors that train in stage s (the workload adds its heads)
     loss_terms()             terms added to each micro-batch's loss after its forward (regularisers)
+    after_update(lr)         after each optimizer update: the method's own parameters' update (GainLoRA's gates)
     finish_stage(stage, ..)  after training: grow memories, fold the branches; fill the class sums
     update_heads(..)         set the heads from the class statistics (classification): alignment, prototypes
     state / load_state       what the method adds to a checkpoint; resume_problems: what must not change
     export(out, names)       files the method adds to a finished run
+    exports / write_export   folders the method adds to a finished run, written on every rank (gathered)
     new_scores(keys, T)      how evaluation rows are kept (a matrix per score, or one joint row)
+    evaluating(j, upto)      around the scoring of task j: what the method measures there (GainLoRA's gates)
+    metrics()                what the method adds to metrics.json
 
 `Method` implements the plain LoRA-like behaviour; methods override what differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,10 @@ class Method:
 
     #: Whether stages train (SimpleCIL trains nothing: its heads come from the class statistics).
     trains: bool = True
+    #: Whether the branches export as a PEFT adapter and a merged model (GainLoRA's gated ones cannot).
+    adapter_export: bool = True
+    #: Folders the method writes into a finished run (`write_export`), beside the adapter exports.
+    exports: tuple[str, ...] = ()
 
     def __init__(self, cfg: RunConfig, report: InjectionReport, workload: Workload) -> None:
         self.cfg, self.report, self.workload = cfg, report, workload
@@ -94,6 +103,10 @@ class Method:
     def loss_terms(self) -> torch.Tensor | None:
         """Terms to add to the micro-batch loss just computed (None: none). Called after every training forward."""
         return None
+
+    def after_update(self, lr: float) -> None:
+        """After each optimizer update of the engine (at learning rate `lr`): update what the method trains
+        outside the engine. Collective."""
 
     def finish_stage(self, stage: Stage, sums: Any) -> float:
         """Fold the stage's branches, after a pass that fills the class `sums` (if any). Collective.
@@ -137,8 +150,20 @@ class Method:
     def export(self, out: Path, stage_names: Sequence[str]) -> None:
         """Files the method writes into a finished run's directory (main process only)."""
 
+    def write_export(self, name: str, folder: Path, stage_names: Sequence[str]) -> None:
+        """Write the export `name` (one of `exports`) into `folder`. Collective (every rank; the main one writes)."""
+
     def log_values(self) -> dict[str, float]:
         """Scalars for the monitor after each stage."""
+        return {}
+
+    @contextlib.contextmanager
+    def evaluating(self, task: int, upto: int) -> Iterator[None]:
+        """Around the scoring of task `task` with tasks 0..`upto` learned (-1: zero-shot). Collective."""
+        yield
+
+    def metrics(self) -> dict[str, Any]:
+        """Entries the method adds to metrics.json."""
         return {}
 
     def describe(self) -> str:
