@@ -9,6 +9,9 @@ sharded safetensors), with the tokenizer for an LLM, and `heads.safetensors` +
 `classes.json` for a vision run. The model is the run's after its newest
 finished task (trained.py).
 
+A GainLoRA run is refused (its gates weigh each branch per prompt; no merged
+weights can): its finished run holds `gated_model/` (inflora_dist/gated.py).
+
 `--out` must be absent, an empty folder or an earlier export (its
 `inflora_export.json` lists what it wrote): anything else, a file, the run
 directory, a folder holding a run or other files, is refused before anything
@@ -26,6 +29,8 @@ from inflora_dist import dist
 from inflora_dist.engine import exit_process, shutdown_distributed
 from inflora_dist.errors import run_command
 from inflora_dist.export import check_export_target, written_atomically
+from inflora_dist.methods import METHODS
+from inflora_dist.run_record import recorded_config
 from inflora_dist.trained import TrainedRun, add_run_arguments, configure_logging
 
 
@@ -38,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     out = Path(args.out or Path(args.run) / "model")
     check_export_target(out)  # before the model is built: minutes saved, nothing written
+    method = recorded_config(args.run)[0].method
+    if not METHODS[method].adapter_export:
+        raise ValueError(
+            f"{args.run} is a method={method} run: a merged model cannot carry its input-dependent gates; its "
+            f"export is {Path(args.run) / 'gated_model'} (inflora_dist.gated.load_gated_model loads it)"
+        )
     trained = TrainedRun(args.run, args.checkpoint)
     shard = args.max_shard_size or trained.cfg.export.max_shard_size
     with written_atomically(out) as folder:  # collective; an earlier export at `out` is replaced whole

@@ -94,17 +94,16 @@ class TaskGates(nn.Module):
         super().__init__()
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"gainlora.gate_hidden must be an integer >= 1, got {hidden!r}")
-        generator = torch.Generator().manual_seed(seed)
         self.gates = nn.ModuleList(GateNetwork(dim, hidden, architecture) for _ in range(num_tasks))
-        with torch.no_grad():  # nn.Linear's own init, drawn from a seeded generator: the same on every rank
-            for gate in self.gates:
-                for linear in (gate.input, gate.hidden):
+        self.keys = nn.ParameterList(nn.Parameter(torch.empty(dim)) for _ in range(num_tasks))
+        with torch.no_grad():  # each slot from its own seeded generator: the same on every rank, at any run length
+            for t, gate in enumerate(self.gates):
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + t)
+                for linear in (gate.input, gate.hidden):  # nn.Linear's own init
                     bound = linear.in_features**-0.5
                     linear.weight.uniform_(-bound, bound, generator=generator)
-        # The reference draws each key uniform(-1, 1) (L739-740); the method projects and rescales it at its task.
-        self.keys = nn.ParameterList(
-            nn.Parameter(torch.empty(dim).uniform_(-1.0, 1.0, generator=generator)) for _ in range(num_tasks)
-        )
+                # The reference draws each key uniform(-1, 1) (L739-740); the method projects and rescales it.
+                self.keys[t].uniform_(-1.0, 1.0, generator=generator)
         self.dim, self.hidden_dim, self.architecture = dim, hidden, architecture
 
     def values(self, xbar: torch.Tensor, tasks: list[int]) -> torch.Tensor:

@@ -76,11 +76,12 @@ def workers(proc: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
 
 
-def interrupt_two_processes(overrides: list[str], out: Path, sig: int, checkpoint: str = "*-task1-step3") -> str:
+def interrupt_two_processes(overrides: list[str], out: Path, sig: int, checkpoint: str = "*-task1-step3",
+                            config: Path = CONFIG) -> str:  # fmt: skip
     """Launch a 2-process run (`overrides`, into `out`); when its checkpoint `checkpoint` appears, send `sig` to
     both workers. Returns the run's output once it has exited, which must be with a failure status."""
-    proc = subprocess.Popen(command(2, f"output_dir={out}", *overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(command(2, f"output_dir={out}", *overrides, config=config), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob(checkpoint)):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
