@@ -121,7 +121,5 @@ def load_gated_model(folder: str | Path, dtype: torch.dtype | None = None) -> tu
     gates.load_state_dict(load_file(str(folder / "gates.safetensors")))
     gates.requires_grad_(False)
     reader = model.get_encoder() if manifest["model_kind"] == "seq2seq_lm" else model
-    model.gate_router = GateRouter(gates, list(report.layers.values()), PromptTap(reader),
-                                   model.get_input_embeddings())  # fmt: skip
+    model.gate_router = GateRouter(gates, list(report.layers.values()), PromptTap(reader))
     return model.eval(), tokenizer
-

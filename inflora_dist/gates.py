@@ -142,21 +142,22 @@ class PromptTap:
 
 class GateRouter:
     """Sets every gated layer's `gates` from the prompt of each forward: the prompt reader's pre-forward hook arms
-    it with the prompt's mask (PromptTap's, or the reader's attention mask), the next input-embedding lookup (the
-    prompt's own) gives the embeddings, and the gates of the live tasks follow. A generation step after the first
+    it with the prompt's mask (PromptTap's, or the reader's attention mask), the reader's next input-embedding lookup
+    (the prompt's own) gives the embeddings, and the gates of the live tasks follow. A generation step after the first
     reads the cache and keeps the prompt's gates (the reference computes them once per prompt as well).
 
     While `collector` is set, the gate network's covariance hooks see each row weighted by the tap's row weights;
     while `totals` (tasks + 1,) is set, each row's gates and weight are summed into it (the gate matrix).
     """
 
-    def __init__(self, gates: TaskGates, layers: list[nn.Module], tap: PromptTap, embeddings: nn.Module) -> None:
+    def __init__(self, gates: TaskGates, layers: list[nn.Module], tap: PromptTap) -> None:
         self.gates, self.layers, self.tap = gates, layers, tap
         self.collector: Any = None
         self.totals: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         tap.reader.register_forward_pre_hook(self._read_prompt, with_kwargs=True)
-        embeddings.register_forward_hook(self._route)
+        # The reader's own lookup (a T5 encoder's embed_tokens is a module apart from the model's shared table).
+        tap.reader.get_input_embeddings().register_forward_hook(self._route)
 
     def _read_prompt(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 names it `cache`

@@ -119,7 +119,7 @@ def _gated_tiny_llama():
         layer.finish_task()
     gates = TaskGates(32, 5, 2, "llama", seed=0)
     tap = PromptTap(model)
-    GateRouter(gates, list(report.layers.values()), tap, model.get_input_embeddings())  # its hooks keep it
+    GateRouter(gates, list(report.layers.values()), tap)  # its hooks keep it
     return model, report, gates, tap
 
 
@@ -144,6 +144,31 @@ def test_the_gate_reads_the_prompt_once_per_generation():
     with torch.no_grad(), tap.marked(prompt):
         model(input_ids=full, attention_mask=torch.ones_like(full))
     torch.testing.assert_close(layer.gates[:, :1], expected)
+
+
+def test_a_t5_gate_reads_the_encoder_s_input_once():
+    """T5: the gate reads the encoder's input (its own embedding lookup), once per generation; the decoder's
+    steps keep it."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                                d_kv=8, decoder_start_token_id=0, pad_token_id=0)).eval()  # fmt: skip
+    report = inject_inflora(model, ["SelfAttention.q", "SelfAttention.v"], 2, 1, fold="stack")
+    for layer in report.layers.values():
+        layer.start_task(0, torch.randn(2, layer.in_features))
+    gates = TaskGates(16, 4, 1, "t5", seed=0)
+    GateRouter(gates, list(report.layers.values()), PromptTap(model.get_encoder()))
+    decoder_layer = next(layer for name, layer in report.layers.items() if name.startswith("decoder."))
+    seen = []
+    decoder_layer.register_forward_pre_hook(lambda m, a: seen.append(m.gates))
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        expected = gates.values(masked_mean(model.get_encoder().get_input_embeddings()(ids), mask), [0])
+    assert len(seen) >= 2 and all(s is seen[0] for s in seen)
+    torch.testing.assert_close(seen[0], expected)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

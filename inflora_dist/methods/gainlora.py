@@ -113,8 +113,7 @@ class GainLoRA(Method):
         self.gates.requires_grad_(False)
         sizes = {"input": dim, "hidden": g.gate_hidden, "output": dim}
         self.memories = {s: SubspaceMemory(d, g.lambda_begin, g.lambda_end, g.planned_tasks) for s, d in sizes.items()}
-        self.router = GateRouter(self.gates, list(report.layers.values()), workload.prompt,
-                                 workload.model.get_input_embeddings())  # fmt: skip
+        self.router = GateRouter(self.gates, list(report.layers.values()), workload.prompt)
         self.optimizer: torch.optim.Optimizer | None = None
         self._optimizer_task: int | None = None
         self._saved_optimizer: dict[str, torch.Tensor] | None = None  # a mid-task checkpoint's, until its stage
