@@ -106,7 +106,7 @@ def test_missing_files_and_bad_instances_are_named(bench, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"train.json instance 2 has no \"output\""):
         superni.read_task(bench, "SuperNI", "task181_outcome_extraction", "train")
-    with pytest.raises(FileNotFoundError, match="pass the CL_Benchmark folder of GainLoRA"):
+    with pytest.raises(FileNotFoundError, match="nowhere is not GainLoRA's CL_Benchmark folder"):
         superni.records_for_build(tmp_path / "nowhere", "order1")
     with pytest.raises(ValueError, match="num_tasks must be in"):
         superni.records_for_build(bench, "order1", num_tasks=16)
@@ -179,3 +179,75 @@ def test_t5_large_configs_are_valid_run_configs(name, tasks, rank, lr, epochs, t
     assert cfg.model.kind == "seq2seq_lm" and cfg.model.dtype == "bfloat16" and cfg.deepspeed.zero_stage == 3
     assert (cfg.model.max_length, cfg.model.max_new_tokens) == (512, 50) and cfg.inflora.targets == ["q", "v"]
     assert (cfg.inflora.rank, cfg.train.lr, cfg.train.epochs, cfg.train.lr_schedule) == (rank, lr, epochs, "constant")
+
+
+ORDER1 = superni.ORDERS["order1"][1]
+
+
+def test_tasks_select_a_subset_kept_in_the_orders_sequence(bench, tmp_path):
+    """`--tasks a,b`: those tasks only, trained in the order's sequence whatever order they are given in; a name
+    not in the order is named with the order's tasks listed; --tasks and --num-tasks exclude each other."""
+    from inflora_dist.data.build_shards import main as build_shards
+
+    chosen = [ORDER1[8], ORDER1[1], ORDER1[3]]  # commonsenseqa, sst2, outcome extraction: given out of order
+    args = ["superni", "--root", str(bench), "--order", "order1", "--quiet"]
+    config = build_shards([*args, "--tasks", ",".join(chosen), "--out", str(tmp_path / "subset")])
+    assert [t.name for t in config.tasks] == [ORDER1[1], ORDER1[3], ORDER1[8]]
+    with pytest.raises(ValueError, match=r"tasks not in order1: task999_nope; order1's tasks are task1572_samsum"):
+        build_shards([*args, "--tasks", f"{ORDER1[1]},task999_nope", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="both select tasks"):
+        build_shards([*args, "--tasks", ORDER1[1], "--num-tasks", "2", "--out", str(tmp_path / "both")])
+    with pytest.raises(ValueError, match=f"tasks lists {ORDER1[1]} more than once"):
+        superni.select_tasks("order1", [ORDER1[1], ORDER1[1]])
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "both").exists()
+
+
+def test_a_root_not_in_gainloras_layout_fails_in_one_line_naming_the_path(bench, tmp_path):
+    """Checked before any file is read: the root, its SuperNI/ folder, each selected task's train and test."""
+    with pytest.raises(FileNotFoundError) as err:
+        superni.records_for_build(tmp_path, "order1", root_key="--root")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--root={tmp_path} is not GainLoRA's CL_Benchmark folder")
+    assert f"expected {tmp_path}/SuperNI/<task>/{{train,test}}.json" in message
+    (bench / "SuperNI" / ORDER1[3] / "test.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{ORDER1[3]}/test\.json not found"):
+        superni.records_for_build(bench, "order1", tasks=[ORDER1[1], ORDER1[3]])
+    assert list(superni.records_for_build(bench, "order1", tasks=[ORDER1[1]])[0]) == [ORDER1[1]]  # not selected
+
+
+def test_a_runs_data_build_selects_tasks_and_names_data_build_root(bench, tmp_path):
+    """`data.build` with source superni: `tasks: [..]` (a YAML list) is --tasks; a missing or wrong `root`
+    fails naming data.build.root before anything is written."""
+    from omegaconf import OmegaConf
+
+    from inflora_dist.data.build_shards import build_from_config
+
+    build = OmegaConf.create({"source": "superni", "root": str(bench), "order": "order1", "num_tasks": None,
+                              "tasks": [ORDER1[13], ORDER1[1]], "max_train_per_task": 2})  # fmt: skip
+    config = build_from_config(build, tmp_path / "shards")
+    assert [(t.name, t.train.samples, t.eval.samples) for t in config.tasks] == [(ORDER1[1], 2, 3), (ORDER1[13], 2, 3)]
+    wrong = "data.build.root=.*nowhere is not GainLoRA's CL_Benchmark"
+    for root, match in [(None, "data.build.root is required"), (str(tmp_path / "nowhere"), wrong)]:
+        bad = OmegaConf.merge(build, {"root": root})
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            build_from_config(bad, tmp_path / "never")
+        assert not (tmp_path / "never").exists()
+
+
+def test_smollm2_cpu_config_is_a_valid_run_config_whose_build_needs_the_root(bench, tmp_path):
+    """configs/superni/smollm2_cpu.yaml: the packaged SmolLM2 on a cut of order 1 built by the run itself; its
+    placeholder root fails naming data.build.root, and with a real root it builds the tasks it names."""
+    from inflora_dist.data.build_shards import build_from_config
+
+    raw = read_yaml(str(REPO / "configs" / "superni" / "smollm2_cpu.yaml"))
+    cfg = merge_structured(RunConfig, raw, overrides=[f"model.pretrained={tmp_path}"])  # the asset may be absent
+    validate_run_config(cfg)
+    build = cfg.data.build
+    assert cfg.model.kind == "causal_lm" and raw.model.pretrained == "assets/smollm2-135m-instruct"
+    assert (build["source"], build["order"], cfg.inflora.targets) == ("superni", "order1", ["q_proj", "v_proj"])
+    assert build["tasks"] == [t for t in ORDER1 if t in build["tasks"]]  # listed in the order's sequence
+    with pytest.raises(FileNotFoundError, match=r"data\.build\.root=/path/to/CL_Benchmark is not GainLoRA's"):
+        build_from_config(build, tmp_path / "shards")
+    config = build_from_config({**build, "root": str(bench)}, tmp_path / "shards")
+    assert [t.name for t in config.tasks] == build["tasks"]
+    assert all(t.instruction.metric == "rouge_l" for t in config.tasks)

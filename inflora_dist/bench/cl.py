@@ -8,6 +8,7 @@ targets, rank, budget and evaluation); only these overrides differ:
   seq_lora    the same branches with A_t drawn like LoRA's A and nothing protected (the forgetting baseline)
   olora       O-LoRA: A_t and B_t trained, A_t pushed orthogonal to the old A's (olora.lambda_1 / lambda_2)
   olora_ca    O-LoRA with classifier alignment after every task (classification)
+  gainlora    GainLoRA: InfLoRA's branches weighed per prompt by a gate per task (language models)
   joint       all tasks' data at once, one branch (the upper bound; no sequence, so no BWT or forgetting)
   simple_cil  the frozen pre-trained backbone and the prototype classifier (class means; trains nothing)
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from inflora_dist.dist import free_port
 from inflora_dist.metrics import AccuracyMatrix
 
-SUMMARY = "InfLoRA vs its baselines (seq-LoRA, O-LoRA, joint, SimpleCIL) on a task sequence: accuracy, BWT, time"
+SUMMARY = "InfLoRA vs its baselines and peers (seq-LoRA, O-LoRA, GainLoRA, joint, SimpleCIL): accuracy, BWT, time"
 REPO = Path(__file__).resolve().parents[2]
 #: The overrides that make each method (on top of the config and the user's overrides).
 METHODS: dict[str, list[str]] = {
@@ -42,6 +43,7 @@ METHODS: dict[str, list[str]] = {
     "seq_lora": ["method=seq_lora", "ca.enabled=false"],
     "olora": ["method=olora", "ca.enabled=false"],
     "olora_ca": ["method=olora", "ca.enabled=true"],
+    "gainlora": ["method=gainlora", "ca.enabled=false"],
     "joint": ["method=joint", "ca.enabled=false"],
     "simple_cil": ["method=simple_cil", "ca.enabled=false"],
 }
@@ -92,6 +94,13 @@ def run(args: argparse.Namespace) -> dict:
             "forgetting": metrics["forgetting"],
             "seconds": seconds,
         }
+        rows = metrics.get("accuracy_matrix")
+        if rows:  # per task: right after its own training, and after the last task (instruction tuning's table)
+            figures[method].update(after_own=[row[t] for t, row in enumerate(rows)], final=rows[-1])
+        elif "joint_accuracy" in metrics:
+            figures[method]["final"] = metrics["joint_accuracy"]
+        if metrics.get("zero_shot") is not None:
+            figures[method]["zero_shot"] = metrics["zero_shot"]
         if "task_incremental_accuracy_matrix" in metrics:
             til = AccuracyMatrix(metrics["task_incremental_accuracy_matrix"])
             figures[method].update(til_avg_acc=til.avg_acc, til_bwt=til.bwt, til_forgetting=til.forgetting)
@@ -126,6 +135,14 @@ def run(args: argparse.Namespace) -> dict:
         print(line + f"{f['seconds']:>9.1f}")
     if prototypes:
         print("NCM acc: nearest class mean (cosine); stats+CA: class statistics and alignment / training time")
+    zero_shot = next((f["zero_shot"] for f in figures.values() if "zero_shot" in f), None)
+    if zero_shot is not None:  # every task scored before any training (the same model for every method)
+        print(f"{'zero-shot':<12}" + " ".join(f"{v:.2f}" if v is not None else "-" for v in zero_shot) + " (per task)")
+        print(f"{'zero-shot AP':<12}{sum(v for v in zero_shot if v is not None) / len(zero_shot):>9.2f}")
+    for method, f in figures.items():
+        if "after_own" in f:
+            own = " ".join(f"{v:.2f}" for v in f["after_own"])
+            print(f"{method:<12}after own training: {own} | final: {' '.join(f'{v:.2f}' for v in f['final'])}")
     if args.json:
         print(json.dumps(figures))
     return figures

@@ -404,6 +404,10 @@ def _parser() -> argparse.ArgumentParser:
     sn.add_argument("--root", required=True, help="the CL_Benchmark folder of the GainLoRA repository")
     sn.add_argument("--order", required=True, choices=sorted(superni.ORDERS), help="order1-2: SuperNI, 3-4: long")
     sn.add_argument("--num-tasks", type=int, default=None, help="the order's first tasks only (default all 15)")
+    sn.add_argument(
+        "--tasks", default=None, metavar="TASK,TASK,...",
+        help="a subset of the order's tasks, comma-separated, trained in the order's sequence (not with --num-tasks)",
+    )  # fmt: skip
     sn.add_argument("--max-train-per-task", type=int, default=None, help="seeded subset of train.json (default all)")
     sn.add_argument("--max-eval-per-task", type=int, default=None, help="seeded subset of test.json (default all)")
     common(sn)
@@ -412,9 +416,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_from_config(build: Mapping[str, Any], out: Path) -> TaskSequenceConfig:
     """Build a run's `data.build` into `out`: its `source` (default fashion-mnist) is the command, every other
-    key an option (`per_class: 40` -> `--per-class 40`), as on the command line."""
-    args = [build.get("source", "fashion-mnist"), "--out", str(out), "--quiet"]
-    args += [a for k, v in build.items() if k != "source" for a in (f"--{k.replace('_', '-')}", str(v))]
+    key an option (`per_class: 40` -> `--per-class 40`), as on the command line; a list is one comma-separated
+    value (`tasks: [a, b]` -> `--tasks a,b`) and a null key is left out (the option's default).
+
+    source superni: `root` is required and checked (with the tasks selected) before any work, in errors that name
+    `data.build.root`."""
+    source = build.get("source", "fashion-mnist")
+    options = {k: v for k, v in build.items() if k != "source" and v is not None}
+    if source == "superni" and options.get("order") is not None:  # no order: the command line names --order
+        order, tasks = str(options["order"]), options.get("tasks")
+        tasks = tasks if tasks is None or isinstance(tasks, str) else [str(t) for t in tasks]
+        selected = superni.select_tasks(order, tasks, options.get("num_tasks"))
+        superni.check_root(options.get("root"), order, selected, key="data.build.root")
+    args = [source, "--out", str(out), "--quiet"]
+    for k, v in options.items():
+        if isinstance(v, Sequence) and not isinstance(v, str):
+            v = ",".join(str(x) for x in v)
+        args += [f"--{k.replace('_', '-')}", str(v)]
     logger.info("building the task sequence: build_shards %s", " ".join(args))
     return main(args)
 
@@ -449,7 +467,9 @@ def _build(args: argparse.Namespace) -> TaskSequenceConfig:
         if args.command == "olora":
             train, held_out, metrics = records_for_build(args.root, args.order, *limits)
         else:
-            train, held_out, metrics = superni.records_for_build(args.root, args.order, *limits, args.num_tasks)
+            train, held_out, metrics = superni.records_for_build(
+                args.root, args.order, *limits, args.num_tasks, args.tasks, root_key="--root"
+            )
         config = build_instruction(train, args.out, eval_records=held_out, metrics=metrics, **common)
     elif args.command in ("records", "jsonl", "llm-demo"):
         if args.command != "llm-demo":

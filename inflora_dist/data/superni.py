@@ -33,6 +33,7 @@ tables before quoting them. The data files are the user's: nothing here download
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from inflora_dist.data.olora import load_json, subsample
@@ -140,6 +141,55 @@ def order_tasks(order: str) -> tuple[str, list[str]]:
     return benchmark, list(tasks)
 
 
+def select_tasks(order: str, tasks: Sequence[str] | str | None = None, num_tasks: int | None = None) -> list[str]:
+    """The tasks of `order` a build keeps: all of them, the first `num_tasks`, or the subset `tasks` (names, or
+    one comma-separated string) in the order's sequence whatever order they are given in."""
+    _, names = order_tasks(order)
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if tasks is not None and num_tasks is not None:
+        raise ValueError(f"tasks ({list(tasks)}) and num_tasks ({num_tasks}) both select tasks: give one of them")
+    if num_tasks is not None:
+        if not 1 <= num_tasks <= len(names):
+            raise ValueError(f"num_tasks must be in [1, {len(names)}] for {order}, got {num_tasks}")
+        return names[:num_tasks]
+    if tasks is None:
+        return names
+    if not tasks:
+        raise ValueError(f"tasks is empty: name at least one task of {order}: {', '.join(names)}")
+    unknown = [t for t in tasks if t not in names]
+    if unknown:
+        raise ValueError(f"tasks not in {order}: {', '.join(unknown)}; {order}'s tasks are {', '.join(names)}")
+    repeated = sorted({t for t in tasks if list(tasks).count(t) > 1})
+    if repeated:
+        raise ValueError(f"tasks lists {', '.join(repeated)} more than once")
+    return [t for t in names if t in set(tasks)]
+
+
+def check_root(root: str | Path | None, order: str, tasks: Sequence[str] | None = None, key: str = "root") -> Path:
+    """`root` as a Path once it holds GainLoRA's layout for `order`'s `tasks` (default all): each task's
+    train.json and test.json. Otherwise FileNotFoundError, one line naming `key`, the path and the layout
+    expected (before any file is read)."""
+    benchmark, names = order_tasks(order)
+    layout = f"{benchmark}/<task>/{{train,test}}.json"
+    if root is None or str(root) == "":
+        raise ValueError(f"{key} is required: the CL_Benchmark folder of GainLoRA's repository, <root>/{layout}")
+    root = Path(root)
+    problem = None
+    if not (root / benchmark).is_dir():
+        problem = f"{root / benchmark} is not a folder"
+    else:
+        files = [root / benchmark / t / f"{split}.json" for t in (names if tasks is None else tasks)
+                 for split in ("train", "test")]  # fmt: skip
+        problem = next((f"{p} not found" for p in files if not p.is_file()), None)
+    if problem:
+        raise FileNotFoundError(
+            f"{key}={root} is not GainLoRA's CL_Benchmark folder ({problem}): expected "
+            f"{root}/{layout} (the CL_Benchmark folder of GainLoRA's repository)"
+        )
+    return root
+
+
 def records_for_build(
     root: str | Path,
     order: str,
@@ -147,21 +197,19 @@ def records_for_build(
     max_eval_per_task: int | None = None,
     seed: int = 0,
     num_tasks: int | None = None,
+    tasks: Sequence[str] | str | None = None,
+    root_key: str = "root",
 ) -> tuple[dict[str, list[dict[str, str]]], dict[str, list[dict[str, str]]], dict[str, str]]:
     """(train records, eval records, metrics) of one order, tasks in training order, for the shard builder.
 
     Train records come from train.json and eval records from test.json, in full by default (as GainLoRA);
-    `max_*_per_task` keep a seeded random subset of each task, and `num_tasks` the order's first tasks only,
-    for smoke runs (a run extended later with the whole order continues it).
+    `max_*_per_task` keep a seeded random subset of each task; `num_tasks` the order's first tasks only, or
+    `tasks` a subset of its tasks (kept in the order's sequence), for smoke runs and small cuts. The root is
+    checked first (`check_root`; `root_key` is what its errors call it: "--root", "data.build.root").
     """
-    root = Path(root)
-    benchmark, names = order_tasks(order)
-    if not (root / benchmark).is_dir():
-        raise FileNotFoundError(f"{root / benchmark} not found: pass the CL_Benchmark folder of GainLoRA's repository")
-    if num_tasks is not None:
-        if not 1 <= num_tasks <= len(names):
-            raise ValueError(f"num_tasks must be in [1, {len(names)}] for {order}, got {num_tasks}")
-        names = names[:num_tasks]
+    benchmark, _ = order_tasks(order)
+    names = select_tasks(order, tasks, num_tasks)
+    root = check_root(root, order, names, root_key)
     train = {t: subsample(read_task(root, benchmark, t, "train", seed), max_train_per_task, f"{seed}:{t}:train")
              for t in names}  # fmt: skip
     evaluation = {t: subsample(read_task(root, benchmark, t, "test", seed), max_eval_per_task, f"{seed}:{t}:test")
