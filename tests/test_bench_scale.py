@@ -9,8 +9,10 @@ import argparse
 import json
 import math
 
+import pytest
+
 from inflora_dist.bench.__main__ import main
-from inflora_dist.bench.scale import eigh_seconds, project
+from inflora_dist.bench.scale import add_arguments, eigh_seconds, gate_cost, llama2_7b_long, project
 
 TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--batches", "1"]
 
@@ -62,3 +64,18 @@ def test_eigh_seconds_from_measured_points():
     assert eigh_seconds(768, points) == 0.09
     assert eigh_seconds(4096, points) == 0.18
     assert math.isclose(eigh_seconds(8192, points), 0.18 * 8)
+
+
+def test_gainlora_gate_cost_counts_its_steps_pass_and_decompositions():
+    """The gates' per-step cost is the gate flops + one gradient all-reduce + the projection; the gate pass is
+    free when InfLoRA's update pass reads every token, a forward pass of the task's data when that is capped."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    capped, full = (gate_cost(llama2_7b_long(256, covariance_max_tokens=cap), args) for cap in (65536, None))
+    assert full["gate_pass_s"] == 0.0 and full["gate_pass_shared"] and not capped["gate_pass_shared"]
+    n, rate = 8, 8 * 989e12 * 0.4
+    assert capped["gate_pass_s"] == pytest.approx(1000 * 256 * 2 * 6.74e9 / rate)
+    allreduce = 2 * (2 * 4096 * 50 + 4096) * 4 * (n - 1) / n / 100e9
+    assert capped["gate_step_s"] > allreduce and capped["gate_step_s"] < 1e-3  # sub-millisecond per step
+    assert capped["steps_per_task"] == 32 and capped["gate_share"] > full["gate_share"]

@@ -320,3 +320,17 @@ def test_the_gate_module_s_init_is_the_same_on_every_rank():
                                          strict=True):  # fmt: skip
         assert torch.equal(x, y) and not torch.equal(x, z), name
     assert GainLoRA.adapter_export is False and GainLoRA.exports == ("gated_model",)
+
+
+def test_olora_branches_train_their_a_under_the_gates(shards, tmp_path):
+    """gainlora.branches=olora (the paper's other variant) at ZeRO-2: A and B train, the gates weigh them, and
+    the gate subspaces grow from a pass of their own (O-LoRA runs none after a task)."""
+    out = tmp_path / "run"
+    proc = train(1, out, "method=gainlora", "gainlora.branches=olora", "deepspeed.zero_stage=2", shards=shards,
+                 config=LLM_CONFIG)  # fmt: skip
+    assert "stage 2 gate subspaces" in proc.stderr
+    state = _final_state(out)
+    a = next(v for k, v in state.items() if k.endswith("q_proj.lora_A"))
+    bound = a.shape[-1] ** -0.5  # O-LoRA's kaiming-uniform start; training moves A beyond it
+    assert a.shape[0] == 3 and float(a.abs().max()) > bound
+    assert [len(v) for v in json.loads((out / "metrics.json").read_text())["gate_matrix"][-1]] == [3, 3, 3]

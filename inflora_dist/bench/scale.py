@@ -135,6 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=65536,
         help="inflora.covariance_max_tokens of the LLaMA projection (the vision tasks read every token)",
     )
+    p.add_argument("--fp64-tflops", type=float, default=67.0, help="float64 TFLOPS per GPU (H100/H200 SXM: 67)")
+    p.add_argument("--gate-hidden", type=int, default=50, help="GainLoRA's gate width (its LLaMA scripts: 50)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
 
@@ -382,6 +384,44 @@ def project(workload: dict[str, Any], args: argparse.Namespace) -> dict[str, flo
     }
 
 
+def gate_cost(workload: dict[str, Any], args: argparse.Namespace, global_batch: int = 32) -> dict[str, float]:
+    """GainLoRA's gates on top of `workload` (methods/gainlora.py), per task on args.nodes x args.gpus_per_node GPUs.
+
+    Per optimizer step: every task's gate forward (2 x 2 d h flops per sample; the new one's backward twice
+    that, t = the planned tasks, 15), the all-reduce of the new gate's gradient (2 d h + d float32 values) and
+    the projection of its update ((h x d)(d x d) + (d x h)(h x h) + (1 x d)(d x d) float64 products, on one GPU:
+    every rank repeats it). After the task: the gate activations of a pass over its data (InfLoRA's update pass
+    when that reads every token; with `covariance_max_tokens` a forward pass of its own, 2N per token) and three
+    decompositions (d, h, d) of the gate subspaces. d is the model's width (the q/v groups' input dimension).
+    """
+    n = args.nodes * args.gpus_per_node
+    rate = n * args.tflops * 1e12 * args.mfu
+    d, h, tasks = next(iter(workload["dims"].values())), args.gate_hidden, 15
+    tokens = workload["samples_per_task"] * workload["tokens_per_sample"]
+    steps = math.ceil(workload["samples_per_task"] / global_batch) * workload["epochs"]
+    gate_flops = global_batch * (tasks * 4 * d * h + 8 * d * h)  # all gates forward, the new one's backward
+    allreduce_s = 2 * (2 * d * h + d) * 4 * (n - 1) / n / (args.bus_gbps * 1e9)
+    projection_s = (2 * h * d * d + 2 * d * h * h + 2 * d * d) / (args.fp64_tflops * 1e12 * args.mfu)
+    step_s = gate_flops / rate + allreduce_s + projection_s
+    shared = not workload.get("covariance_max_tokens")  # the gates observe InfLoRA's uncapped update pass
+    pass_s = 0.0 if shared else tokens * 2 * workload["params"] / rate
+    decomp_s = 2 * eigh_seconds(d, args.decomp_seconds) + eigh_seconds(h, args.decomp_seconds)
+    train_s = workload["epochs"] * tokens * 4 * workload["params"] / rate
+    return {
+        "workload": workload["name"],
+        "gpus": n,
+        "gate_hidden": h,
+        "steps_per_task": steps,
+        "gate_step_s": step_s,
+        "gate_steps_s": step_s * steps,
+        "gate_pass_s": pass_s,
+        "gate_pass_shared": shared,
+        "gate_decompositions_s": decomp_s,
+        "train_s": train_s,
+        "gate_share": (step_s * steps + pass_s + decomp_s) / train_s,
+    }
+
+
 # ---------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> dict:
     figures: dict[str, Any] = {"worlds": measure_worlds(args)}
@@ -394,6 +434,7 @@ def run(args: argparse.Namespace) -> dict:
     workloads = [vit_b_imagenet_r(), llama2_7b_long(args.llm_tokens, covariance_max_tokens=args.covariance_max_tokens),
                  llama2_7b_long(args.llm_tokens, all_projections=True)]  # fmt: skip
     figures["projection"] = [project(w, args) for w in workloads]
+    figures["gainlora_gates"] = gate_cost(workloads[1], args)
     figures["projection_goals"] = {"vit_overhead_share": 0.03, "llama_overhead_share": 1.0}
     figures["assumptions"] = {
         k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tflops", "mfu", "bus_gbps", "decomp_seconds")
@@ -451,3 +492,10 @@ def report(f: dict[str, Any]) -> None:
             f"{r['reduce_s']:.2f} s ({r['reduce_bytes_per_pass'] / 1e9:.3f} GB/pass), decompositions "
             f"{r['decompositions_s']:.2f} s -> overhead {100 * r['overhead_share']:.1f}% of training"
         )
+    g = f["gainlora_gates"]
+    whose = "InfLoRA's update pass" if g["gate_pass_shared"] else "a pass of its own: InfLoRA's is capped"
+    print(
+        f"  GainLoRA's gates (hidden {g['gate_hidden']}) on {g['workload']}: {1e3 * g['gate_step_s']:.3f} ms per "
+        f"step x {g['steps_per_task']} steps, gate pass {g['gate_pass_s']:.2f} s ({whose}), gate decompositions "
+        f"{g['gate_decompositions_s']:.2f} s -> {100 * g['gate_share']:.1f}% of training"
+    )

@@ -72,6 +72,9 @@ class Method:
     adapter_export: bool = True
     #: Folders the method writes into a finished run (`write_export`), beside the adapter exports.
     exports: tuple[str, ...] = ()
+    #: Whether `finish_stage` runs a pass over the stage's training data (InfLoRA's update pass): a method
+    #: wrapping this one may observe that pass instead of running its own (GainLoRA).
+    reads_data_after_training: bool = False
 
     def __init__(self, cfg: RunConfig, report: InjectionReport, workload: Workload) -> None:
         self.cfg, self.report, self.workload = cfg, report, workload

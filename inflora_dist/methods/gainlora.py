@@ -210,26 +210,36 @@ class GainLoRA(Method):
         return basis @ basis.T
 
     def finish_stage(self, stage: Stage, sums: Any) -> float:
-        """The branches' finish (InfLoRA: DualGPM; both: fold), then a pass over the stage's training data whose
-        gate activations grow the gate subspaces. Collective."""
-        summing = self.branches.finish_stage(stage, sums)
-        start = time.perf_counter()
+        """The branches' finish (InfLoRA: DualGPM; both: fold) and the gate subspaces grown from the gate
+        activations of a pass over the stage's training data: the branches' own pass where it reads every sample
+        once (InfLoRA without a token cap or a split), else a pass of its own. Collective."""
         gate = self.gates.gates[stage.index]
         modules = {"input": gate.input, "hidden": gate.hidden, "output": gate.output}
         collector = CovarianceCollector(modules, {s: m.dim for s, m in self.memories.items()})
+        c = self.cfg.inflora
+        shared = self.branches.reads_data_after_training and c.covariance_max_tokens is None and (
+            c.covariance_max_bytes_per_rank is None
+        )  # fmt: skip
         self.router.collector = collector
         try:
             with collector.capturing():
-                stage.data_pass(f"stage {stage.index} gate subspaces", None, None, None)
+                summing = self.branches.finish_stage(stage, sums) if shared else 0.0
+                start = time.perf_counter()
+                if not shared:
+                    stage.data_pass(f"stage {stage.index} gate subspaces", None, None, None)
+                seconds = time.perf_counter() - start
         finally:
             self.router.collector = None
+        if not shared:
+            summing = self.branches.finish_stage(stage, sums)
+        start = time.perf_counter()
         covariances = collector.all_reduce()  # collective: float64 sums of every rank
         for side, memory in self.memories.items():
             memory.update(covariances[side], stage.index)
         if dist.is_main_process():
             logger.info("stage %d: gate subspaces %s", stage.index,
                         ", ".join(f"{s} {m.protected_dim}/{m.dim}" for s, m in self.memories.items()))  # fmt: skip
-        stage.timings.update(gate_pass_s=time.perf_counter() - start)
+        stage.timings.update(gate_pass_s=seconds, gate_subspace_s=time.perf_counter() - start)
         return summing
 
     # ------------------------------------------------------------------ state

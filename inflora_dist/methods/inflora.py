@@ -38,6 +38,8 @@ _DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 class InfLoRAMethod(Method):
     """InfLoRA: designed, frozen A_t; trained B_t; DualGPM memories per input group (checkpointed, exported)."""
 
+    reads_data_after_training = True  # the DualGPM update's covariance pass
+
     def __init__(self, cfg: RunConfig, report: InjectionReport, workload: Workload) -> None:
         super().__init__(cfg, report, workload)
         c = cfg.inflora
