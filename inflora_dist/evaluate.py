@@ -88,15 +88,19 @@ def evaluate(trained: TrainedRun, tasks: TaskSequenceConfig, batch_size: int) ->
     transform = configured_transform(cfg.data.eval_transform, cfg.model.image_size)  # as the run evaluated
     keys = [key.removesuffix("_matrix") for key in workload.matrices]
     scores: dict[str, list[float]] = {key: [] for key in keys}
+    measured: dict[str, list[Any]] = {}  # what the method measures per task (GainLoRA: the mean gates)
     for i, task in enumerate(tasks.tasks):
         stream = open_task(tasks, i, "eval", batch_size=batch_size, mode="exact", seed=cfg.seed, index=index,
                            transform=transform, channels=cfg.model.channels)  # fmt: skip
         loader = TaskLoader(stream, num_workers=cfg.train.num_workers)
-        with tqdm(total=len(loader), desc=f"evaluate {task.name}", disable=not dist.is_main_process(),
-                  leave=False, dynamic_ncols=True) as bar:  # fmt: skip
+        bar = tqdm(total=len(loader), desc=f"evaluate {task.name}", disable=not dist.is_main_process(), leave=False,
+                   dynamic_ncols=True)  # fmt: skip
+        with bar, trained.method.evaluating(heads[i], trained.upto) as seen:
             values = score_task(workload, trained.engine, loader, heads[i], trained.upto, bar)  # collective
         for key, value in zip(keys, values, strict=True):
             scores[key].append(value)
+        for key, value in seen.items():
+            measured.setdefault(key, []).append(value)
     # The paper's accuracy: all eval samples of the scored tasks pooled, each task weighted by its eval samples
     # (the spec's count: open_task checked it against the index's count of the shards just read).
     counts = [t.eval.samples for t in tasks.tasks]
@@ -111,6 +115,7 @@ def evaluate(trained: TrainedRun, tasks: TaskSequenceConfig, batch_size: int) ->
         "average": {key: sum(v) / len(v) for key, v in scores.items()},
         "eval_samples": counts,
         "pooled": {key: pooled_accuracies([v], counts)[0] for key, v in scores.items()},
+        **measured,
     }
 
 

@@ -161,9 +161,10 @@ class Method:
         return {}
 
     @contextlib.contextmanager
-    def evaluating(self, task: int, upto: int) -> Iterator[None]:
-        """Around the scoring of task `task` with tasks 0..`upto` learned (-1: zero-shot). Collective."""
-        yield
+    def evaluating(self, task: int, upto: int) -> Iterator[dict[str, Any]]:
+        """Around the scoring of task `task` with tasks 0..`upto` learned (-1: zero-shot); the yielded dict holds
+        what the method measured there once the block has exited (GainLoRA: `gates`). Collective."""
+        yield {}
 
     def metrics(self) -> dict[str, Any]:
         """Entries the method adds to metrics.json."""

@@ -121,12 +121,13 @@ class GainLoRA(Method):
         self.gate_rows: list[list[list[float]]] = []
 
     @contextlib.contextmanager
-    def evaluating(self, task: int, upto: int) -> Iterator[None]:
-        """Sum the gates of task `task`'s evaluation prompts (tasks 0..upto learned) into the gate matrix.
-        Collective (one all-reduce on exit)."""
+    def evaluating(self, task: int, upto: int) -> Iterator[dict[str, Any]]:
+        """Sum the gates of task `task`'s evaluation prompts (tasks 0..upto learned) into the gate matrix; the
+        yielded dict gets `gates`, the mean gate of each branch. Collective (one all-reduce on exit)."""
+        measured: dict[str, Any] = {}
         self.router.totals = torch.zeros(self.num_tasks + 1, dtype=torch.float64)
         try:
-            yield
+            yield measured
         finally:
             sums, self.router.totals = self.router.totals, None
         sums = dist.all_reduce_sum_(sums.to(dist.collective_device())).cpu()
@@ -137,7 +138,7 @@ class GainLoRA(Method):
         row = self.gate_rows[upto]
         means = (sums[: upto + 1] / max(float(sums[-1]), 1.0)).tolist()
         row.extend([[]] * (task + 1 - len(row)))
-        row[task] = [round(v, 6) for v in means]
+        row[task] = measured["gates"] = [round(v, 6) for v in means]
         if dist.is_main_process():
             logger.info("gates on task %d's prompts after stage %d: %s", task, upto,
                         ", ".join(f"{v:.3f}" for v in means))  # fmt: skip
