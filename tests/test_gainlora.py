@@ -285,10 +285,18 @@ def test_a_run_extended_by_a_task_equals_the_whole_run(runs, shards, tmp_path):
     _assert_states_equal(_final_state(out), _final_state(runs(1)), 1e-6)
 
 
-def test_the_gated_export_loads_in_one_call_and_answers_as_the_run(runs, tmp_path):
+def test_the_gated_export_loads_in_one_call_and_answers_as_the_run(runs, shards, tmp_path):
     """A fresh process loads gated_model/ with one call and generates what `predict` answers from the run's own
-    checkpoint; export_model refuses the run in one line (a merged model cannot carry the gates)."""
+    checkpoint; `evaluate` reports the gates the run logged; export_model refuses the run in one line (a merged
+    model cannot carry the gates)."""
     run = runs(1)
+    evaluation = tmp_path / "evaluation.json"
+    proc = subprocess.run([sys.executable, "-m", "inflora_dist.evaluate", "--run", str(run), "--tasks",
+                           str(shards / "tasks.yaml"), "--out", str(evaluation)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = json.loads((run / "metrics.json").read_text())["gate_matrix"][-1]
+    assert json.loads(evaluation.read_text())["gates"] == logged
     prompts = ["Which language is this line in: ciao, come stai?", "What is the topic of: who wrote the odyssey?"]
     expected = [r["answer"] for r in predict_prompts(run, prompts, tmp_path, max_new_tokens=6)]
     script = (
