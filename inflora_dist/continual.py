@@ -19,7 +19,7 @@ import torch
 from inflora_dist import dist
 from inflora_dist.covariance import CovarianceCollector, assign_owners
 from inflora_dist.inject import InjectionReport
-from inflora_dist.subspace import REMOVE, RETAIN, SubspaceMemory
+from inflora_dist.subspace import REMOVE, RETAIN, Eigh, SubspaceMemory, batched_eigh
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ class InfLoRA:
             return self.collector.reduce_to_owners(self.owners)
         return self.collector.all_reduce()
 
+    def _decompositions(self, covs: Mapping[str, torch.Tensor]) -> dict[str, Eigh]:
+        """The eigh of every group this rank decomposes, those of equal size in one batched call (batched_eigh)."""
+        groups = [g for g in self.collector.groups if g in covs]
+        eigs = batched_eigh([self.memories[g].eigh_operand(covs[g]) for g in groups])
+        return dict(zip(groups, eigs, strict=True))
+
     def on_task_start(
         self, task_id: int, covariances: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -122,10 +128,11 @@ class InfLoRA:
         float64, identical on every rank.
         """
         covs = self._reduced_covariances() if covariances is None else covariances
+        eigs = self._decompositions(covs)
         designs = {}
         for g in self.collector.groups:
             if g in covs:
-                a = self.memories[g].down_projection(covs[g], self.rank)
+                a = self.memories[g].down_projection(covs[g], self.rank, eigs[g])
             else:
                 a = torch.empty(self.rank, self.report.dims[g], dtype=torch.float64)
             if self.owners is not None:
@@ -141,9 +148,10 @@ class InfLoRA:
         `covariances`, if given, replace the collector's (as in `on_task_start`).
         """
         covs = self._reduced_covariances() if covariances is None else covariances
+        eigs = self._decompositions(covs)
         for g in self.collector.groups:
             if g in covs:
-                self.memories[g].update(covs[g], task_id)
+                self.memories[g].update(covs[g], task_id, eigs[g])
             if self.owners is not None:
                 broadcast_memory_(self.memories[g], self.owners[g])  # collective
         finish_branches(self.report)

@@ -30,6 +30,7 @@ from inflora_dist.subspace import (
     REMOVE,
     RETAIN,
     SubspaceMemory,
+    batched_eigh,
     complement_basis,
     energy_threshold,
     principal_angle,
@@ -320,7 +321,7 @@ def test_random_sequences_match_oracle(seed):
 class SvdMemory(SubspaceMemory):
     """The memory with the projected decompositions of before the eigh path (`bench.scale.svd_projected`)."""
 
-    def _projected_svd(self, c):
+    def _projected_svd(self, c, eig=None):
         return super()._projected_svd(c) if self.mode is None else svd_projected(self, c)
 
 
@@ -819,3 +820,38 @@ def test_bad_task_index_raises(task_index):
         mem.update(torch.eye(4), task_index)
     assert repr(task_index) in str(info.value)
     assert mem.mode is None
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_CASES))
+def test_batched_decompositions_equal_one_at_a_time(name):
+    """Memories of equal size decomposed together (batched_eigh, as InfLoRA does every task's groups) design the
+    same A and grow the same memories as one at a time: the same k and modes, subspaces within 1e-10."""
+    seed, d, tasks, lamb, lame, spectra, rank = ORACLE_CASES[name]
+    histories = [list(sequence(seed + i, d, tasks, spectra)) for i in range(3)]
+    alone = [SubspaceMemory(d, lamb, lame, tasks) for _ in histories]
+    together = [SubspaceMemory(d, lamb, lame, tasks) for _ in histories]
+    for task in range(tasks):
+        for phase in (0, 1):  # design (pre-task covariance), then update (post-task)
+            covs = [t64(h[task][phase]) for h in histories]
+            eigs = batched_eigh([m.eigh_operand(c) for m, c in zip(together, covs, strict=True)])
+            for one, many, c, eig in zip(alone, together, covs, eigs, strict=True):
+                if phase == 0:
+                    a, b = one.down_projection(c, rank), many.down_projection(c, rank, eig)
+                    assert nonzero_rows(a) == nonzero_rows(b)
+                    assert principal_angle(row_space(a), row_space(b)) <= 1e-10
+                else:
+                    one.update(c, task)
+                    many.update(c, task, eig)
+                    assert (one.mode, one.protected_dim) == (many.mode, many.protected_dim), task
+                    assert principal_angle(one.basis, many.basis) <= 1e-10
+
+
+def test_batched_eigh_groups_by_size_and_refuses_non_square():
+    """Matrices of several sizes: each its own eigh, equal sizes stacked; bit-identical on the host."""
+    g = torch.Generator().manual_seed(0)
+    mats = [(lambda x: x @ x.T)(torch.randn(n, n, generator=g, dtype=torch.float64)) for n in (4, 6, 4, 4, 6)]
+    for (w, v), m in zip(batched_eigh(mats), mats, strict=True):
+        w1, v1 = torch.linalg.eigh(m)
+        assert torch.equal(w, w1) and torch.equal(v, v1)
+    with pytest.raises(ValueError, match="matrix 1 has shape \\(2, 3\\)"):
+        batched_eigh([mats[0], torch.zeros(2, 3)])
