@@ -128,20 +128,22 @@ def row_space(a: torch.Tensor) -> torch.Tensor:
 Eigh = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues ascending, eigenvectors), as torch.linalg.eigh returns
 
 
-def batched_eigh(mats: list[torch.Tensor]) -> list[Eigh]:
-    """torch.linalg.eigh of every symmetric matrix of `mats`; those of one shape, dtype and device in one batched
-    call (small decompositions on a GPU are bound by the per-call latency, not the flops). The results are the
-    one-at-a-time ones: on the host the batched call runs the same LAPACK routine per matrix (tested bit for
-    bit); on a GPU within rounding (tested to 1e-10 in the subspaces)."""
+def batched_eigh(mats: list[torch.Tensor], stack: bool | None = None) -> list[Eigh]:
+    """torch.linalg.eigh of every symmetric matrix of `mats`; with `stack` those of one shape, dtype and device in
+    one batched call (small decompositions on a GPU are bound by the per-call latency, not the flops). `stack`
+    None: on accelerators only (on the host a stack runs the same LAPACK routine per matrix, no faster: `bench
+    scale`'s batched_ratio). The results are the one-at-a-time ones: bit for bit on the host (tested), within
+    rounding on a GPU (the subspaces to 1e-10)."""
     results: list[Eigh | None] = [None] * len(mats)
     by_kind: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         if m.ndim != 2 or m.shape[0] != m.shape[1]:
             raise ValueError(f"batched_eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
         by_kind.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
-    for members in by_kind.values():
-        if len(members) == 1:
-            results[members[0]] = torch.linalg.eigh(mats[members[0]])
+    for (_, _, device), members in by_kind.items():
+        if len(members) == 1 or not (device.type != "cpu" if stack is None else stack):
+            for i in members:
+                results[i] = torch.linalg.eigh(mats[i])
             continue
         w, v = torch.linalg.eigh(torch.stack([mats[i] for i in members]))
         for j, i in enumerate(members):

@@ -14,7 +14,8 @@ import pytest
 from inflora_dist.bench.__main__ import main
 from inflora_dist.bench.scale import add_arguments, eigh_seconds, gate_cost, llama2_7b_long, project
 
-TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--batches", "1"]
+TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--batches", "1",
+        "--batched-dim", "32", "--batched-count", "3"]  # fmt: skip
 
 
 def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
@@ -37,6 +38,9 @@ def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
     assert printed["d"] == 96 and set(printed["projected_decomp_s"]) == {"svd", "eigh"}
     assert printed["projected_decomp_angle"] <= 1e-6
     assert printed["projected_decomp_k"]["svd"] == printed["projected_decomp_k"]["eigh"]
+    # Batched decompositions against one at a time: the same results (on the host, bit for bit).
+    (batched,) = printed["batched"]
+    assert (batched["d"], batched["count"], batched["max_difference"]) == (32, 3, 0.0)
     ratio = printed["projected_decomp_s"]["eigh"] / printed["projected_decomp_s"]["svd"]
     assert math.isclose(printed["projected_decomp_ratio"], ratio)
 

@@ -833,7 +833,7 @@ def test_batched_decompositions_equal_one_at_a_time(name):
     for task in range(tasks):
         for phase in (0, 1):  # design (pre-task covariance), then update (post-task)
             covs = [t64(h[task][phase]) for h in histories]
-            eigs = batched_eigh([m.eigh_operand(c) for m, c in zip(together, covs, strict=True)])
+            eigs = batched_eigh([m.eigh_operand(c) for m, c in zip(together, covs, strict=True)], stack=True)
             for one, many, c, eig in zip(alone, together, covs, eigs, strict=True):
                 if phase == 0:
                     a, b = one.down_projection(c, rank), many.down_projection(c, rank, eig)
@@ -850,7 +850,7 @@ def test_batched_eigh_groups_by_size_and_refuses_non_square():
     """Matrices of several sizes: each its own eigh, equal sizes stacked; bit-identical on the host."""
     g = torch.Generator().manual_seed(0)
     mats = [(lambda x: x @ x.T)(torch.randn(n, n, generator=g, dtype=torch.float64)) for n in (4, 6, 4, 4, 6)]
-    for (w, v), m in zip(batched_eigh(mats), mats, strict=True):
+    for (w, v), m in zip(batched_eigh(mats, stack=True), mats, strict=True):
         w1, v1 = torch.linalg.eigh(m)
         assert torch.equal(w, w1) and torch.equal(v, v1)
     with pytest.raises(ValueError, match="matrix 1 has shape \\(2, 3\\)"):

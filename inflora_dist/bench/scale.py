@@ -17,6 +17,9 @@ Measured on this machine, side by side in one run:
     the eigh path of now (eigh of the Gram matrix), side by side:
     projected_decomp_s, projected_decomp_ratio and projected_decomp_angle (the
     largest principal angle between their subspaces);
+  * --batched-count eigh of d = --batched-dim one at a time and in one batched
+    call (batched_eigh: how InfLoRA now decomposes a task's groups), on the host
+    and on --device: batched_ratio and the largest difference of the results;
   * the precision of the sums (bench/precision.py): float32 per-batch products
     summed in float64 against an all-float32 sum, on massive activations.
 
@@ -57,7 +60,7 @@ from inflora_dist.bench.step import build_vit, covariance_batch, forward, make_b
 from inflora_dist.continual import InfLoRA
 from inflora_dist.covariance import assign_owners, traffic_bytes
 from inflora_dist.inject import inject_inflora
-from inflora_dist.subspace import RETAIN, SubspaceMemory, complement_basis, principal_angle
+from inflora_dist.subspace import RETAIN, SubspaceMemory, batched_eigh, complement_basis, principal_angle
 
 SUMMARY = "covariance traffic, decompositions and step per world size, and a projection to a GPU cluster"
 GOALS = {"reduce_bytes_ratio": 0.51, "precision_fp32_gemm_fp64_sum": 1e-6}
@@ -135,6 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=65536,
         help="inflora.covariance_max_tokens of the LLaMA projection (the vision tasks read every token)",
     )
+    p.add_argument("--batched-dim", type=int, default=768, help="d of the batched-decomposition timing")
+    p.add_argument("--batched-count", type=int, default=24, help="matrices of the batched-decomposition timing")
     p.add_argument("--fp64-tflops", type=float, default=67.0, help="float64 TFLOPS per GPU (H100/H200 SXM: 67)")
     p.add_argument("--gate-hidden", type=int, default=50, help="GainLoRA's gate width (its LLaMA scripts: 50)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -254,6 +259,28 @@ def time_decompositions(dims: list[int], device: torch.device, seed: int = 0) ->
             row[f"{kind}_gflops"] = FLOPS_PER_D3[kind] * d**3 / row[f"{kind}_s"] / 1e9
         rows.append(row)
     return rows
+
+
+def time_batched_decompositions(d: int, count: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """`count` float64 eigh of random PSD d x d matrices one at a time and in one batched call (batched_eigh, as
+    InfLoRA decomposes a task's groups), on `device`: seconds of each (best of 2), their ratio, and the largest
+    difference of the results (eigenvalues, and eigenvector columns up to sign)."""
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for _ in range(count):
+        x = torch.randn(d, d + 8, generator=g, dtype=torch.float64)
+        mats.append((x @ x.T / d).to(device))
+    if device.type == "cuda":
+        torch.linalg.eigh(mats[0][:8, :8])
+    sequential = min(_timed(lambda: [torch.linalg.eigh(m) for m in mats], device) for _ in range(2))
+    batched = min(_timed(lambda: batched_eigh(mats, stack=True), device) for _ in range(2))
+    difference = 0.0
+    for m, (w, v) in zip(mats, batched_eigh(mats, stack=True), strict=True):
+        w1, v1 = torch.linalg.eigh(m)
+        signs = torch.sign((v * v1).sum(0))
+        difference = max(difference, float((w - w1).abs().max()), float((v - v1 * signs).abs().max()))
+    return {"d": d, "count": count, "device": device.type, "sequential_s": sequential, "batched_s": batched,
+            "batched_ratio": batched / sequential, "max_difference": difference}  # fmt: skip
 
 
 def svd_projected(memory: SubspaceMemory, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,6 +457,9 @@ def run(args: argparse.Namespace) -> dict:
     if device.type != "cpu":
         figures["decompositions"] += time_decompositions(args.dims, device)
     figures.update(time_projected_decomposition(args.projected_dim, device, seed=args.seed))
+    figures["batched"] = [time_batched_decompositions(args.batched_dim, args.batched_count, torch.device("cpu"))]
+    if device.type != "cpu":
+        figures["batched"].append(time_batched_decompositions(args.batched_dim, args.batched_count, device))
     figures["precision"] = projector_errors(batches=args.precision_batches)
     workloads = [vit_b_imagenet_r(), llama2_7b_long(args.llm_tokens, covariance_max_tokens=args.covariance_max_tokens),
                  llama2_7b_long(args.llm_tokens, all_projections=True)]  # fmt: skip
@@ -476,6 +506,11 @@ def report(f: dict[str, Any]) -> None:
         f"projected_decomp_ratio {f['projected_decomp_ratio']:.3f} (goal <= 0.6); projected_decomp_angle "
         f"{f['projected_decomp_angle']:.1e} rad; k {f['projected_decomp_k']}"
     )
+    for r in f["batched"]:
+        print(
+            f"{r['count']} eigh of d={r['d']} on {r['device']}: one at a time {r['sequential_s']:.3f} s, batched "
+            f"{r['batched_s']:.3f} s, batched_ratio {r['batched_ratio']:.3f}; max difference {r['max_difference']:.1e}"
+        )
     p = f["precision"]
     print(
         f"\nprojector error vs all-float64: fp32 GEMM + fp64 sum {p['fp32_gemm_fp64_sum']:.2e} "
