@@ -136,16 +136,17 @@ def test_shard_builder_trains_on_train_and_scores_superni_by_rouge_l(bench, tmp_
     ]
 
 
+@pytest.mark.parametrize("method", ["", "gainlora_"], ids=["inflora", "gainlora"])
 @pytest.mark.parametrize("order", ["order1", "order2"])
-def test_superni_llama2_configs_are_valid_run_configs(order, tmp_path):
-    """Both configs validate once the user's paths exist (model.pretrained and data.tasks overridden here), with
-    GainLoRA's InfLoRA settings."""
+def test_superni_llama2_configs_are_valid_run_configs(order, method, tmp_path):
+    """The InfLoRA and GainLoRA configs validate once the user's paths exist (model.pretrained and data.tasks
+    overridden here), with GainLoRA's settings (and its gates' for method gainlora)."""
     from inflora_dist.engine import lr_factor
 
     model, tasks = tmp_path / "Llama-2-7b-hf", tmp_path / "tasks.yaml"
     model.mkdir()
     tasks.write_text("kind: instruction\n")
-    raw = read_yaml(str(REPO / "configs" / "superni" / f"llama2_7b_{order}.yaml"))
+    raw = read_yaml(str(REPO / "configs" / "superni" / f"llama2_7b_{method}{order}.yaml"))
     assert (
         raw.model.pretrained == "/path/to/Llama-2-7b-hf" and raw.data.tasks == f"runs/shards/superni_{order}/tasks.yaml"
     )
@@ -158,13 +159,18 @@ def test_superni_llama2_configs_are_valid_run_configs(order, tmp_path):
     assert cfg.model.max_length == 1074  # GainLoRA's LLaMA scripts: sources 1024 + targets 50
     assert cfg.train.lr_schedule == "constant" and lr_factor(cfg.train.lr_schedule, 90, 100) == 1.0
     assert lr_factor("cosine", 50, 100) == pytest.approx(2**-0.5)  # the default decays
+    if method:  # gen_script_superni_order*_llama_gainlora_inflora.sh
+        g = cfg.gainlora
+        assert cfg.method == "gainlora" and (g.branches, g.lora_alpha, g.gate_architecture) == ("inflora", 32, "llama")
+        assert (g.gate_hidden, g.lambda_begin, g.lambda_end, g.planned_tasks) == (50, 0.995, 1.0, 15)
 
 
 @pytest.mark.parametrize(
     ("name", "tasks", "rank", "lr", "epochs"),
     [("t5_large_olora_standard", "olora_standard_order1", 8, 1e-3, 1),
      ("t5_large_olora_long", "olora_long_order4", 8, 1e-3, 1),
-     ("t5_large_superni_order1", "superni_order1", 4, 3e-4, 100)],
+     ("t5_large_superni_order1", "superni_order1", 4, 3e-4, 100),
+     ("t5_large_gainlora_superni_order1", "superni_order1", 4, 3e-4, 100)],
 )  # fmt: skip
 def test_t5_large_configs_are_valid_run_configs(name, tasks, rank, lr, epochs, tmp_path):
     """The T5-large configs (O-LoRA's standard and long benchmarks, GainLoRA's SuperNI) validate once the
@@ -179,6 +185,8 @@ def test_t5_large_configs_are_valid_run_configs(name, tasks, rank, lr, epochs, t
     assert cfg.model.kind == "seq2seq_lm" and cfg.model.dtype == "bfloat16" and cfg.deepspeed.zero_stage == 3
     assert (cfg.model.max_length, cfg.model.max_new_tokens) == (512, 50) and cfg.inflora.targets == ["q", "v"]
     assert (cfg.inflora.rank, cfg.train.lr, cfg.train.epochs, cfg.train.lr_schedule) == (rank, lr, epochs, "constant")
+    if "gainlora" in name:  # gen_script_superni_order1_t5_gainlora_inflora.sh: the T5 gate of 100 units
+        assert cfg.method == "gainlora" and (cfg.gainlora.gate_architecture, cfg.gainlora.gate_hidden) == ("t5", 100)
 
 
 ORDER1 = superni.ORDERS["order1"][1]
