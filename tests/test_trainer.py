@@ -202,7 +202,8 @@ def test_bad_configs_name_the_problem(tmp_path, shards):
         "ca.covariance=low_rank": r"ca.covariance must be one of \['full', 'diagonal', 'shared'\], got 'low_rank'",
         "ca.logit_norm=0": r"ca.logit_norm \(a temperature\) must be > 0 or null, got 0",
         "ca.samples_per_class=0": r"ca.samples_per_class must be an integer >= 1, got 0",
-        "method=simple_lora": r"method must be one of \['inflora', 'seq_lora', 'joint', 'simple_cil', 'olora'\]",
+        "method=simple_lora": r"method must be one of \['inflora', 'seq_lora', 'joint', 'simple_cil', 'olora', "
+        r"'gainlora'\]",
     }
     for override, message in cases.items():
         with pytest.raises(ValueError, match=message):
