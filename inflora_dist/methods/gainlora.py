@@ -221,16 +221,17 @@ class GainLoRA(Method):
         shared = self.branches.reads_data_after_training and c.covariance_max_tokens is None and (
             c.covariance_max_bytes_per_rank is None
         )  # fmt: skip
+        start = time.perf_counter()
         self.router.collector = collector
         try:
             with collector.capturing():
-                summing = self.branches.finish_stage(stage, sums) if shared else 0.0
-                start = time.perf_counter()
-                if not shared:
+                if shared:  # the gates observe the branches' own pass
+                    summing = self.branches.finish_stage(stage, sums)
+                else:
                     stage.data_pass(f"stage {stage.index} gate subspaces", None, None, None)
-                seconds = time.perf_counter() - start
         finally:
             self.router.collector = None
+        seconds = 0.0 if shared else time.perf_counter() - start  # the gates' own pass, if any
         if not shared:
             summing = self.branches.finish_stage(stage, sums)
         start = time.perf_counter()
