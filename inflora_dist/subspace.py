@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -128,26 +129,43 @@ def row_space(a: torch.Tensor) -> torch.Tensor:
 Eigh = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues ascending, eigenvectors), as torch.linalg.eigh returns
 
 
-def batched_eigh(mats: list[torch.Tensor], stack: bool | None = None) -> list[Eigh]:
+def stacked_eigh(mats: Sequence[torch.Tensor]) -> list[Eigh]:
+    """torch.linalg.eigh of symmetric matrices of one shape, dtype and device in one batched call (small
+    decompositions on a GPU are bound by the per-call latency, not the flops). Raises ValueError naming the
+    first matrix that differs from the first, before any decomposition."""
+    if not mats:
+        return []
+    kind = (tuple(mats[0].shape), mats[0].dtype, mats[0].device)
+    for i, m in enumerate(mats):
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
+        if (tuple(m.shape), m.dtype, m.device) != kind:
+            raise ValueError(
+                f"a stacked eigh needs matrices of one size, dtype and device: matrix {i} is "
+                f"{tuple(m.shape)} {m.dtype} on {m.device}, matrix 0 is {kind[0]} {kind[1]} on {kind[2]}"
+            )
+    w, v = torch.linalg.eigh(torch.stack(list(mats)))
+    return [(w[j], v[j]) for j in range(len(mats))]
+
+
+def batched_eigh(mats: Sequence[torch.Tensor], stack: bool | None = None) -> list[Eigh]:
     """torch.linalg.eigh of every symmetric matrix of `mats`; with `stack` those of one shape, dtype and device in
-    one batched call (small decompositions on a GPU are bound by the per-call latency, not the flops). `stack`
-    None: on accelerators only (on the host a stack runs the same LAPACK routine per matrix, no faster: `bench
-    scale`'s batched_ratio). The results are the one-at-a-time ones: bit for bit on the host (tested), within
-    rounding on a GPU (the subspaces to 1e-10)."""
+    one call (`stacked_eigh`). `stack` None: on accelerators only (on the host a stack runs the same LAPACK
+    routine per matrix, no faster: `bench scale`'s batched_ratio). The results are the one-at-a-time ones: bit
+    for bit on the host (tested), within rounding on a GPU (the subspaces to 1e-10)."""
     results: list[Eigh | None] = [None] * len(mats)
     by_kind: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         if m.ndim != 2 or m.shape[0] != m.shape[1]:
-            raise ValueError(f"batched_eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
+            raise ValueError(f"eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
         by_kind.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     for (_, _, device), members in by_kind.items():
         if len(members) == 1 or not (device.type != "cpu" if stack is None else stack):
             for i in members:
                 results[i] = torch.linalg.eigh(mats[i])
             continue
-        w, v = torch.linalg.eigh(torch.stack([mats[i] for i in members]))
-        for j, i in enumerate(members):
-            results[i] = (w[j], v[j])
+        for i, eig in zip(members, stacked_eigh([mats[i] for i in members]), strict=True):
+            results[i] = eig
     return results  # type: ignore[return-value]
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from inflora_dist.bench.__main__ import main
-from inflora_dist.bench.scale import add_arguments, eigh_seconds, gate_cost, llama2_7b_long, project
+from inflora_dist.bench.scale import add_arguments, eigh_seconds, gate_cost, llama2_7b_long, measured_rate, project
 
 TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--batches", "1",
         "--batched-dim", "32", "--batched-count", "3"]  # fmt: skip
@@ -33,7 +33,10 @@ def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
     assert printed["collectives_per_pass"] == printed["collectives_expected"] == 2
     assert [r["d"] for r in printed["decompositions"]] == [32, 64]
     assert printed["precision"]["fp32_gemm_fp64_sum"] < printed["precision"]["fp32_all"]
-    assert [p["workload"].split(",")[0] for p in printed["projection"]] == ["ViT-B/16", "LLaMA-2-7B", "LLaMA-2-7B"]
+    names = [p["workload"].split(",")[0] for p in printed["projection"]]
+    assert names == ["ViT-B/16", "ViT-B/16", "LLaMA-2-7B", "LLaMA-2-7B"]
+    # The second ViT row takes the measured H200 step's throughput: 64 images of 197 tokens in 0.1249 s.
+    assert printed["projection"][1]["tflops_per_gpu"] == pytest.approx(4 * 86e6 * 197 * 64 / 0.1249 / 1e12)
     # The eigh path against the SVD path it replaced, side by side on one matrix.
     assert printed["d"] == 96 and set(printed["projected_decomp_s"]) == {"svd", "eigh"}
     assert printed["projected_decomp_angle"] <= 1e-6
@@ -48,7 +51,7 @@ def test_scale_benchmark_measures_traffic_and_prints_json_last(capsys):
 def test_projection_by_hand():
     """Two GPUs, one group of d = 100, passes capped at 4,000 tokens: every term of the model computed by hand."""
     args = argparse.Namespace(nodes=1, gpus_per_node=2, tflops=100.0, mfu=0.5, bus_gbps=10.0,
-                              decomp_seconds=[(64, 0.01), (128, 0.02)])  # fmt: skip
+                              decomp_seconds=[(64, 0.01), (128, 0.02)], batched_ratio=None)  # fmt: skip
     workload = {"name": "toy", "params": 1e9, "samples_per_task": 1000, "tokens_per_sample": 10, "epochs": 3,
                 "dims": {"g": 100}, "covariance_max_tokens": 4000}  # fmt: skip
     p = project(workload, args)
@@ -60,6 +63,23 @@ def test_projection_by_hand():
     assert math.isclose(p["decompositions_s"], 2 * 0.02)  # two eigh of d = 100: the 128 point's time
     overhead = p["passes_s"] + p["reduce_s"] + p["decompositions_s"]
     assert math.isclose(p["overhead_share"], overhead / p["train_s"])
+    # A measured step's throughput replaces tflops x mfu: 50 samples of 10 tokens in 0.5 s per GPU.
+    measured = project(workload, args, measured_rate(workload, 50, 0.5))
+    assert math.isclose(measured["train_s"], 3 * 1000 / (2 * 50) * 0.5)
+
+
+def test_projection_stacks_a_ranks_groups_of_one_size():
+    """Five groups of d = 100 on 2 GPUs: the busier rank's three take one stacked call per round, at the
+    batched ratio; without a measured ratio no gain is assumed; a lone group keeps the single-call time."""
+    args = argparse.Namespace(nodes=1, gpus_per_node=2, tflops=100.0, mfu=0.5, bus_gbps=10.0,
+                              decomp_seconds=[(128, 0.02)], batched_ratio=None)  # fmt: skip
+    workload = {"name": "toy", "params": 1e9, "samples_per_task": 10, "tokens_per_sample": 10, "epochs": 1,
+                "dims": {f"g{i}": 100 for i in range(5)}}  # fmt: skip
+    assert math.isclose(project(workload, args)["decompositions_s"], 2 * 3 * 0.02)
+    args.batched_ratio = 0.25
+    assert math.isclose(project(workload, args)["decompositions_s"], 2 * 3 * 0.02 * 0.25)
+    args.gpus_per_node = 5
+    assert math.isclose(project(workload, args)["decompositions_s"], 2 * 0.02)
 
 
 def test_eigh_seconds_from_measured_points():

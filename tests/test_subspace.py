@@ -35,6 +35,7 @@ from inflora_dist.subspace import (
     energy_threshold,
     principal_angle,
     row_space,
+    stacked_eigh,
 )
 
 LOGGER_NAME = "inflora_dist.subspace"
@@ -855,3 +856,10 @@ def test_batched_eigh_groups_by_size_and_refuses_non_square():
         assert torch.equal(w, w1) and torch.equal(v, v1)
     with pytest.raises(ValueError, match="matrix 1 has shape \\(2, 3\\)"):
         batched_eigh([mats[0], torch.zeros(2, 3)])
+
+
+def test_stacked_eigh_refuses_mismatched_sizes_before_any_work():
+    """One stacked call takes one size: a mismatch is named (which matrix, both shapes), not padded silently."""
+    with pytest.raises(ValueError, match=r"matrix 2 is \(6, 6\) torch.float64 on cpu, matrix 0 is \(4, 4\)"):
+        stacked_eigh([torch.eye(4, dtype=torch.float64)] * 2 + [torch.eye(6, dtype=torch.float64)])
+    assert stacked_eigh([]) == []

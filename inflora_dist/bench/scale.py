@@ -60,7 +60,7 @@ from inflora_dist.bench.step import build_vit, covariance_batch, forward, make_b
 from inflora_dist.continual import InfLoRA
 from inflora_dist.covariance import assign_owners, traffic_bytes
 from inflora_dist.inject import inject_inflora
-from inflora_dist.subspace import RETAIN, SubspaceMemory, batched_eigh, complement_basis, principal_angle
+from inflora_dist.subspace import RETAIN, SubspaceMemory, complement_basis, principal_angle, stacked_eigh
 
 SUMMARY = "covariance traffic, decompositions and step per world size, and a projection to a GPU cluster"
 GOALS = {"reduce_bytes_ratio": 0.51, "precision_fp32_gemm_fp64_sum": 1e-6}
@@ -69,12 +69,15 @@ FLOPS_PER_D3 = {"eigh": 9.0, "svd": 22.0}
 #: float64 eigh with vectors of one d x d matrix on one H200 (cuSOLVER, torch 2.11; measured 2026-12-04 with
 #: this bench's time_decompositions: ../shared/gpu/README.md). Small sizes are latency-bound, hence 768 > 1024.
 H200_EIGH_S = {768: 0.13, 1024: 0.09, 4096: 0.18, 5632: 0.36, 11008: 1.19}
+#: One InfLoRA training step of ViT-B/16 at 224 px, k/v rank 10, fp32, on one H200: (images, seconds) (`bench
+#: step` at commit 70d1f8a, ../shared/gpu/README.md).
+H200_VIT_STEP = (64, 0.1249)
 
 
 def _measured_point(text: str) -> tuple[int, float]:
     d, sep, seconds = text.partition(":")
     if not sep:
-        raise argparse.ArgumentTypeError(f"expected D:SECONDS (e.g. 4096:0.18), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected SIZE:SECONDS (e.g. 4096:0.18), got {text!r}")
     return int(d), float(seconds)
 
 
@@ -140,6 +143,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batched-dim", type=int, default=768, help="d of the batched-decomposition timing")
     p.add_argument("--batched-count", type=int, default=24, help="matrices of the batched-decomposition timing")
+    p.add_argument(
+        "--batched-ratio",
+        type=float,
+        default=None,
+        help="seconds of a stacked eigh / one at a time on the GPU, for the projection (default: this run's own "
+        "figure on --device when it is a GPU, else 1: no gain assumed)",
+    )
+    p.add_argument(
+        "--vit-step",
+        type=_measured_point,
+        default=(H200_VIT_STEP[0], H200_VIT_STEP[1]),
+        metavar="IMAGES:SECONDS",
+        help="a measured ViT-B/16 224 px training step on one GPU: images per step and seconds (default: the "
+        "H200's fp32 InfLoRA step, 64:0.1249); the ViT projection's second row takes its throughput",
+    )
     p.add_argument("--fp64-tflops", type=float, default=67.0, help="float64 TFLOPS per GPU (H100/H200 SXM: 67)")
     p.add_argument("--gate-hidden", type=int, default=50, help="GainLoRA's gate width (its LLaMA scripts: 50)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
@@ -273,9 +291,9 @@ def time_batched_decompositions(d: int, count: int, device: torch.device, seed: 
     if device.type == "cuda":
         torch.linalg.eigh(mats[0][:8, :8])
     sequential = min(_timed(lambda: [torch.linalg.eigh(m) for m in mats], device) for _ in range(2))
-    batched = min(_timed(lambda: batched_eigh(mats, stack=True), device) for _ in range(2))
+    batched = min(_timed(lambda: stacked_eigh(mats), device) for _ in range(2))
     difference = 0.0
-    for m, (w, v) in zip(mats, batched_eigh(mats, stack=True), strict=True):
+    for m, (w, v) in zip(mats, stacked_eigh(mats), strict=True):
         w1, v1 = torch.linalg.eigh(m)
         signs = torch.sign((v * v1).sum(0))
         difference = max(difference, float((w - w1).abs().max()), float((v - v1 * signs).abs().max()))
@@ -370,21 +388,30 @@ def llama2_7b_long(tokens_per_sample: int, all_projections: bool = False,
     }
 
 
-def project(workload: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
+def measured_rate(workload: dict[str, Any], samples: int, seconds: float) -> float:
+    """Flops per second of one GPU implied by a measured training step of `samples` samples of `workload`
+    (4N per token, as `project` counts training)."""
+    return 4 * workload["params"] * workload["tokens_per_sample"] * samples / seconds
+
+
+def project(workload: dict[str, Any], args: argparse.Namespace, gpu_rate: float | None = None) -> dict[str, Any]:
     """Per-task seconds of training and of InfLoRA's overhead on args.nodes x args.gpus_per_node GPUs.
 
     training: epochs x tokens x 4N flops (forward 2N, backward 2N: the frozen
     weights need no weight gradients); covariance passes: 2 x tokens x (2N +
     sum over groups of 2 d^2, the hooks' x^T x) over at most the workload's
-    covariance_max_tokens; both at tflops x mfu over all GPUs. Reduction (owner
-    mode): 2 passes of triangles (d(d+1)/2 + 1) x 8 bytes, (n-1)/n of them through
-    each link at bus bandwidth. Decompositions: 2 per group (design, update), each
-    one float64 eigh of at most d x d (the eigh path: the Gram matrix of the
-    projected product is f x f, f <= d) at the measured `decomp_seconds`, spread
-    over the ranks as `assign_owners` does (the slowest rank counts).
+    covariance_max_tokens; both at `gpu_rate` flops per second per GPU (default
+    tflops x mfu; `measured_rate` for the rate of a measured step). Reduction
+    (owner mode): 2 passes of triangles (d(d+1)/2 + 1) x 8 bytes, (n-1)/n of them
+    through each link at bus bandwidth. Decompositions: 2 per group (design,
+    update), each one float64 eigh of at most d x d (the eigh path: the Gram
+    matrix of the projected product is f x f, f <= d) at the measured
+    `decomp_seconds`, spread over the ranks as `assign_owners` does (the slowest
+    rank counts); a rank's m > 1 groups of one size take one stacked call of m
+    x seconds x `batched_ratio` (1 when not measured: no gain assumed).
     """
     n = args.nodes * args.gpus_per_node
-    rate = n * args.tflops * 1e12 * args.mfu
+    rate = n * (gpu_rate or args.tflops * 1e12 * args.mfu)
     tokens = workload["samples_per_task"] * workload["tokens_per_sample"]
     pass_tokens = min(tokens, workload.get("covariance_max_tokens") or tokens)
     dims = workload["dims"]
@@ -394,14 +421,19 @@ def project(workload: dict[str, Any], args: argparse.Namespace) -> dict[str, flo
     traffic = sum(traffic_bytes(d, 8) for d in dims.values())
     reduce_s = 2 * traffic * (n - 1) / n / (args.bus_gbps * 1e9)
     owners = assign_owners(dims, n)
-    load = [0.0] * n
+    calls: dict[tuple[int, int], int] = {}  # (rank, d) -> groups of size d the rank decomposes
     for g, d in dims.items():
-        load[owners[g]] += 2 * eigh_seconds(d, args.decomp_seconds)
+        calls[owners[g], d] = calls.get((owners[g], d), 0) + 1
+    load = [0.0] * n
+    ratio = args.batched_ratio or 1.0
+    for (rank, d), m in calls.items():
+        load[rank] += 2 * m * eigh_seconds(d, args.decomp_seconds) * (ratio if m > 1 else 1.0)
     decomp_s = max(load)
     overhead = passes_s + reduce_s + decomp_s
     return {
         "workload": workload["name"],
         "gpus": n,
+        "tflops_per_gpu": rate / n / 1e12,
         "train_s": train_s,
         "passes_s": passes_s,
         "reduce_s": reduce_s,
@@ -463,11 +495,19 @@ def run(args: argparse.Namespace) -> dict:
     figures["precision"] = projector_errors(batches=args.precision_batches)
     workloads = [vit_b_imagenet_r(), llama2_7b_long(args.llm_tokens, covariance_max_tokens=args.covariance_max_tokens),
                  llama2_7b_long(args.llm_tokens, all_projections=True)]  # fmt: skip
-    figures["projection"] = [project(w, args) for w in workloads]
+    if args.batched_ratio is None and device.type != "cpu":
+        args.batched_ratio = figures["batched"][-1]["batched_ratio"]  # this GPU's own stacked figure
+    images, seconds = args.vit_step
+    measured = {**workloads[0], "name": f"{workloads[0]['name']}, throughput of a measured step ({images} "
+                f"images in {seconds:g} s per GPU)"}  # fmt: skip
+    step_rate = measured_rate(measured, images, seconds)
+    figures["projection"] = [project(workloads[0], args), project(measured, args, step_rate),
+                             *(project(w, args) for w in workloads[1:])]  # fmt: skip
     figures["gainlora_gates"] = gate_cost(workloads[1], args)
     figures["projection_goals"] = {"vit_overhead_share": 0.03, "llama_overhead_share": 1.0}
     figures["assumptions"] = {
-        k: getattr(args, k) for k in ("nodes", "gpus_per_node", "tflops", "mfu", "bus_gbps", "decomp_seconds")
+        k: getattr(args, k)
+        for k in ("nodes", "gpus_per_node", "tflops", "mfu", "bus_gbps", "decomp_seconds", "batched_ratio", "vit_step")
     }
     widest = max(figures["worlds"], key=lambda r: r["world"])
     figures["reduce_bytes_ratio"] = widest["bucketed_reduce_bytes"] / widest["full_reduce_bytes"]
@@ -519,11 +559,13 @@ def report(f: dict[str, Any]) -> None:
     a = f["assumptions"]
     print(
         f"\nprojection on {a['nodes']} x {a['gpus_per_node']} GPUs ({a['tflops']} TFLOPS x MFU {a['mfu']}, "
-        f"bus {a['bus_gbps']} GB/s, float64 eigh seconds by d {dict(a['decomp_seconds'])}): per task"
+        f"bus {a['bus_gbps']} GB/s, float64 eigh seconds by d {dict(a['decomp_seconds'])}, stacked eigh ratio "
+        f"{a['batched_ratio'] or 'not measured: 1'}): per task"
     )
     for r in f["projection"]:
         print(
-            f"  {r['workload']}: training {r['train_s']:.1f} s; passes {r['passes_s']:.2f} s, reduction "
+            f"  {r['workload']}: {r['tflops_per_gpu']:.1f} TFLOPS per GPU; training {r['train_s']:.1f} s; "
+            f"passes {r['passes_s']:.2f} s, reduction "
             f"{r['reduce_s']:.2f} s ({r['reduce_bytes_per_pass'] / 1e9:.3f} GB/pass), decompositions "
             f"{r['decompositions_s']:.2f} s -> overhead {100 * r['overhead_share']:.1f}% of training"
         )
