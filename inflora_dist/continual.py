@@ -12,7 +12,7 @@ runs the subspace math and broadcasts A_t and the updated memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -106,33 +106,52 @@ class InfLoRA:
         )
         self.owners = assign_owners(report.dims, dist.get_world_size()) if reduce == "owner" else None
 
-    def _reduced_covariances(self) -> dict[str, torch.Tensor]:
-        # collective: every rank must reach this
+    def reduced_covariances(self) -> dict[str, torch.Tensor]:
+        """The collector's sums reduced over the ranks: every group's covariance, or in owner mode this rank's
+        own groups' (float64); the sums are dropped. Collective."""
         if self.owners is not None:
             return self.collector.reduce_to_owners(self.owners)
         return self.collector.all_reduce()
 
-    def _decompositions(self, covs: Mapping[str, torch.Tensor]) -> dict[str, Eigh]:
-        """The eigh of every group this rank decomposes, those of equal size in one batched call (batched_eigh)."""
-        groups = [g for g in self.collector.groups if g in covs]
-        eigs = batched_eigh([self.memories[g].eigh_operand(covs[g]) for g in groups])
-        return dict(zip(groups, eigs, strict=True))
+    def _decompositions(self, covs: Mapping[str, torch.Tensor], groups: Sequence[str]) -> dict[str, Eigh]:
+        """The eigh of the groups of `groups` this rank decomposes, computed ahead on accelerators only: there
+        those of equal size take one stacked call (batched_eigh). On the host none ahead: each group's own eigh
+        in its turn, since a stack gains nothing there and holding every group's vectors at once would add d^2
+        float64 per group (2 GiB for a rank's 16 q/v groups of LLaMA-2-7B)."""
+        mine = [g for g in groups if g in covs]
+        if not mine or covs[mine[0]].device.type == "cpu":
+            return {}
+        eigs = batched_eigh([self.memories[g].eigh_operand(covs[g]) for g in mine])
+        return dict(zip(mine, eigs, strict=True))
+
+    def _groups(self, groups: Sequence[str] | None) -> list[str]:
+        if groups is None:
+            return self.collector.groups
+        unknown = sorted(set(groups) - set(self.collector.groups))
+        if unknown:
+            raise ValueError(f"unknown input group(s) {unknown}; this model's are {self.collector.groups}")
+        return [g for g in self.collector.groups if g in groups]
 
     def on_task_start(
-        self, task_id: int, covariances: Mapping[str, torch.Tensor] | None = None
+        self,
+        task_id: int,
+        covariances: Mapping[str, torch.Tensor] | None = None,
+        groups: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Design A_t for every group from the collected pass over task t's data; install it. Collective.
 
         `covariances` (this rank's reduced covariances, e.g. from planner.collect_in_passes)
-        replace the collector's. Returns the designed A_t per group, (rank, d_in)
-        float64, identical on every rank.
+        replace the collector's. `groups` (default all) designs those only: one pass of a
+        split collection, every rank naming the same ones. Returns the designed A_t per
+        group, (rank, d_in) float64, identical on every rank.
         """
-        covs = self._reduced_covariances() if covariances is None else covariances
-        eigs = self._decompositions(covs)
+        covs = self.reduced_covariances() if covariances is None else covariances
+        groups = self._groups(groups)
+        eigs = self._decompositions(covs, groups)
         designs = {}
-        for g in self.collector.groups:
+        for g in groups:
             if g in covs:
-                a = self.memories[g].down_projection(covs[g], self.rank, eigs[g])
+                a = self.memories[g].down_projection(covs[g], self.rank, eigs.get(g))
             else:
                 a = torch.empty(self.rank, self.report.dims[g], dtype=torch.float64)
             if self.owners is not None:
@@ -142,18 +161,34 @@ class InfLoRA:
             designs[g] = a
         return designs
 
+    def update_memories(
+        self,
+        task_id: int,
+        covariances: Mapping[str, torch.Tensor] | None = None,
+        groups: Sequence[str] | None = None,
+    ) -> None:
+        """Grow the memories of `groups` (default all) from the post-task pass (DualGPM). Collective.
+
+        `covariances` and `groups` as in `on_task_start`."""
+        covs = self.reduced_covariances() if covariances is None else covariances
+        groups = self._groups(groups)
+        eigs = self._decompositions(covs, groups)
+        for g in groups:
+            if g in covs:
+                self.memories[g].update(covs[g], task_id, eigs.get(g))
+            if self.owners is not None:
+                broadcast_memory_(self.memories[g], self.owners[g])  # collective
+
     def on_task_end(self, task_id: int, covariances: Mapping[str, torch.Tensor] | None = None) -> None:
         """Grow every group's memory from the post-task pass (DualGPM) and fold the task's branches. Collective.
 
         `covariances`, if given, replace the collector's (as in `on_task_start`).
         """
-        covs = self._reduced_covariances() if covariances is None else covariances
-        eigs = self._decompositions(covs)
-        for g in self.collector.groups:
-            if g in covs:
-                self.memories[g].update(covs[g], task_id, eigs[g])
-            if self.owners is not None:
-                broadcast_memory_(self.memories[g], self.owners[g])  # collective
+        self.update_memories(task_id, covariances)
+        self.finish_task(task_id)
+
+    def finish_task(self, task_id: int) -> None:
+        """Fold the task's branches (after every group's memory is updated) and log the memories."""
         finish_branches(self.report)
         if dist.is_main_process():
             for g, m in self.memories.items():

@@ -59,9 +59,11 @@ def runs(tmp_path_factory, shards):
     return get
 
 
-#: Per stage: seconds of training, the two passes, the subspace math, class statistics and alignment; memory per rank.
-TIMING_KEYS = {"train_s", "design_pass_s", "subspace_design_s", "update_pass_s", "subspace_update_s",
-               "class_statistics_s", "alignment_s", "rss_mb_per_rank", "peak_rss_mb_per_rank"}  # fmt: skip
+#: Per stage: seconds of training, the two passes and their reductions, the subspace math, class statistics and
+#: alignment; memory per rank.
+TIMING_KEYS = {"train_s", "design_pass_s", "design_reduce_s", "subspace_design_s", "update_pass_s", "update_reduce_s",
+               "subspace_update_s", "class_statistics_s", "alignment_s", "rss_mb_per_rank",
+               "peak_rss_mb_per_rank"}  # fmt: skip
 
 
 def test_one_process_run_writes_every_output(runs):

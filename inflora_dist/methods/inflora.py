@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,49 +51,71 @@ class InfLoRAMethod(Method):
 
     # ------------------------------------------------------------------ stages
     def start_stage(self, stage: Stage) -> None:
-        covs, seconds, _ = self._covariance_pass(stage)
-        start = time.perf_counter()
-        self.inflora.on_task_start(stage.index, covs)  # collective
-        stage.timings.update(design_pass_s=seconds, subspace_design_s=time.perf_counter() - start)
+        def design(covs: dict[str, torch.Tensor], groups: list[str]) -> None:
+            self.inflora.on_task_start(stage.index, covs, groups)  # collective
+
+        seconds, _ = self._covariance_pass(stage, design)
+        stage.timings.update(design_pass_s=seconds["pass"], design_reduce_s=seconds["reduce"],
+                             subspace_design_s=seconds["use"])  # fmt: skip
 
     def finish_stage(self, stage: Stage, sums: Any) -> float:
-        covs, seconds, summing = self._covariance_pass(stage, sums)
+        def update(covs: dict[str, torch.Tensor], groups: list[str]) -> None:
+            self.inflora.update_memories(stage.index, covs, groups)  # collective
+
+        seconds, summing = self._covariance_pass(stage, update, sums)
         start = time.perf_counter()
-        self.inflora.on_task_end(stage.index, covs)  # collective; folds B A
-        stage.timings.update(update_pass_s=seconds, subspace_update_s=time.perf_counter() - start)
+        self.inflora.finish_task(stage.index)  # folds B A
+        stage.timings.update(update_pass_s=seconds["pass"], update_reduce_s=seconds["reduce"],
+                             subspace_update_s=seconds["use"] + time.perf_counter() - start)  # fmt: skip
         return summing
 
-    def _covariance_pass(self, stage: Stage, sums: Any = None) -> tuple[dict[str, torch.Tensor] | None, float, float]:
-        """Collect x x^T of the stage's training data (exact mode); returns (reduced covariances, seconds,
-        seconds of class sums).
+    def _covariance_pass(
+        self, stage: Stage, use: Callable[[dict[str, torch.Tensor], list[str]], None], sums: Any = None
+    ) -> tuple[dict[str, float], float]:
+        """Collect x x^T of the stage's training data (exact mode), reduce it, and hand this rank's reduced
+        covariances with their groups to `use`; returns the seconds of the data passes, the reductions and
+        `use` (decompositions), and the seconds of class sums.
 
         With `sums`, the same forwards also sum the class statistics' features
         (once, even when the pass is split). Without
         `inflora.covariance_max_bytes_per_rank` one pass fills the InfLoRA
-        collector (covariances None: the hooks reduce them). With it, the input
-        groups are split into several passes over the data that fit the budget
-        (planner.py), and this rank's reduced covariances are returned. Collective.
+        collector. With it, the input groups are split into several passes over
+        the data that fit the budget (planner.py), each pass's covariances used
+        and dropped before the next: no rank holds more than one pass's. Collective.
         """
-        start = time.perf_counter()
+        seconds = {"pass": 0.0, "reduce": 0.0, "use": 0.0}
         stage.engine.eval()
         pending = [sums]  # class sums go into the first pass only
         summing = [0.0]
         max_tokens = self.cfg.inflora.covariance_max_tokens
 
         def run_pass(collector: CovarianceCollector) -> None:
+            start = time.perf_counter()
             class_sums = pending.pop() if pending else None
             summing[0] += stage.data_pass(f"stage {stage.index} covariance", collector, class_sums, max_tokens)
+            seconds["pass"] += time.perf_counter() - start
 
+        def timed_use(covs: dict[str, torch.Tensor], groups: list[str]) -> None:
+            start = time.perf_counter()
+            use(covs, groups)
+            seconds["use"] += time.perf_counter() - start
+
+        start = time.perf_counter()
         budget = self.cfg.inflora.covariance_max_bytes_per_rank
         if budget is None:
             with self.inflora.collector.capturing():
                 run_pass(self.inflora.collector)
-            return None, time.perf_counter() - start, summing[0]
-        plan = plan_for(self.inflora, budget)
+            reduced = time.perf_counter()
+            covs = self.inflora.reduced_covariances()  # collective
+            seconds["reduce"] = time.perf_counter() - reduced
+            timed_use(covs, self.inflora.collector.groups)
+            return seconds, summing[0]
+        plan = plan_for(self.inflora, budget, keep_results=False)
         if dist.is_main_process():
             logger.info("covariance plan:\n%s", plan.describe())
-        covs = collect_in_passes(self.inflora, plan, run_pass)  # collective
-        return covs, time.perf_counter() - start, summing[0]
+        collect_in_passes(self.inflora, plan, run_pass, lambda p, covs: timed_use(covs, plan.passes[p]))  # collective
+        seconds["reduce"] = time.perf_counter() - start - seconds["pass"] - seconds["use"]
+        return seconds, summing[0]
 
     # ------------------------------------------------------------------ state
     @property
