@@ -195,10 +195,10 @@ def test_benchmark_configs_state_their_prompt_format():
     from inflora_dist.config import read_yaml
 
     expected = {"configs/demo_llm.yaml": "auto", "configs/scale/llama2_7b.yaml": "auto",
-                "configs/scale/tinyllama_1b.yaml": "auto"}  # fmt: skip
+                "configs/scale/llama2_7b_qv_all.yaml": "auto", "configs/scale/tinyllama_1b.yaml": "auto"}  # fmt: skip
     for folder in ("superni", "olora", "t5"):
         expected.update({str(p.relative_to(REPO)): "none" for p in (REPO / "configs" / folder).glob("*.yaml")})
-    assert len(expected) == 14  # 3 + superni: 2 InfLoRA, 2 GainLoRA, the CPU cut; olora: 2; t5: 4
+    assert len(expected) == 15  # 4 + superni: 2 InfLoRA, 2 GainLoRA, the CPU cut; olora: 2; t5: 4
     for path, mode in expected.items():
         assert read_yaml(str(REPO / path)).model.chat_template == mode, path
 

@@ -9,11 +9,15 @@ words), a few optimizer steps per task, as a real `launch/train.py` run at each
 world size (torchrun for 2) on --device (default: cuda when available). It
 records, from each run's metrics.json: every rank's resident memory after
 training (ZeRO-3's partitioned state) and its peak (evaluation included), the
-seconds of each phase (covariance passes with their reduction, subspace design
+seconds of each phase (covariance passes, their reduction, subspace design
 and update, training), the covariance plan and its bytes, and the float64
 decomposition times of the adapted input groups' sizes (this process). The
-peak is compared with the weights' share of a rank plus 3 GiB
-(`peak_budget_mb_per_rank`, `peak_within_budget`).
+peak is compared with the weights' share of a rank, plus the covariance plan's
+peak per rank, plus 3 GiB (`peak_budget_mb_per_rank`, its terms in
+`budget_terms_mb`, `peak_within_budget`). A config whose covariance plan needs
+more than --covariance-gib per rank (default 2: the 32 float64 q/v sums of
+LLaMA-2-7B, upper triangles) is refused before any work: cap it with
+`inflora.covariance_max_bytes_per_rank`, which splits the pass.
 """
 
 from __future__ import annotations
@@ -42,7 +46,15 @@ from inflora_dist.planner import plan_covariance
 SUMMARY = "a 1.1B or 7B causal LM through 2 tasks under ZeRO-3 at each world size: memory and phases"
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "scale" / "tinyllama_1b.yaml"
-PHASES = ("design_pass_s", "subspace_design_s", "train_s", "update_pass_s", "subspace_update_s")
+PHASES = (
+    "design_pass_s",
+    "design_reduce_s",
+    "subspace_design_s",
+    "train_s",
+    "update_pass_s",
+    "update_reduce_s",
+    "subspace_update_s",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         choices=["cpu", "cuda"],
         help="where the runs train (DeepSpeed's accelerator; default: cuda when available)",
+    )
+    p.add_argument(
+        "--covariance-gib",
+        type=float,
+        default=2.0,
+        help="the most covariance state a rank may plan for (GiB; default 2); a config over it is refused",
     )
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
 
@@ -137,8 +155,32 @@ def group_dims(config: Path) -> dict[str, int]:
     return report.dims
 
 
+def covariance_plans(config: Path, dims: dict[str, int], worlds: list[int], max_gib: float) -> dict[int, dict]:
+    """The config's covariance plan at each world size, as its runs make it; raises ValueError, before any
+    work, when one needs more than `max_gib` per rank."""
+    inflora = OmegaConf.load(config).inflora
+    budget = inflora.get("covariance_max_bytes_per_rank")
+    plans = {}
+    for w in worlds:
+        plan = plan_covariance(
+            dims, w, bytes_per_element=8, max_bytes_per_rank=budget, reduce=inflora.get("reduce", "all_reduce"),
+            keep_results=budget is None, bucket_bytes=inflora.get("reduce_bucket_bytes", DEFAULT_BUCKET_BYTES),
+        )  # fmt: skip
+        if plan.peak_bytes > max_gib * 2**30:
+            raise ValueError(
+                f"{config}: its covariance plan needs {plan.peak_bytes / 2**20:,.0f} MiB per rank at world {w} "
+                f"({len(dims)} input groups in {plan.num_passes} pass(es)), over the {max_gib:g} GiB allowed "
+                f"(--covariance-gib); set inflora.covariance_max_bytes_per_rank to split the pass"
+            )
+        plans[w] = {"passes": plan.passes, "peak_bytes_per_rank": plan.peak_bytes_per_rank,
+                    "peak_bytes": plan.peak_bytes, "sum_bytes": plan.total_sum_bytes(),
+                    "describe": plan.describe()}  # fmt: skip
+    return plans
+
+
 def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: int = 16, timeout: int = 3600,
-              keep: Path | None = None, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+              keep: Path | None = None, device: str = "cpu",
+              covariance_gib: float = 2.0) -> dict[str, Any]:  # fmt: skip
     """Run the config at each world size; return the figures (see the module docstring)."""
     from inflora_dist.bench.scale import time_decompositions
 
@@ -148,16 +190,7 @@ def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: i
     parameters = model_parameters(config)
     weights = parameters * DTYPES[cfg.model.get("dtype", "float32")].itemsize
     figures: dict[str, Any] = {"parameters": parameters, "weights_bytes": weights, "groups": dims, "device": device}
-    figures["plans"] = {}
-    for w in worlds:
-        inflora = cfg.inflora
-        plan = plan_covariance(
-            dims, w, bytes_per_element=8, max_bytes_per_rank=inflora.get("covariance_max_bytes_per_rank"),
-            reduce=inflora.get("reduce", "all_reduce"),
-            bucket_bytes=inflora.get("reduce_bucket_bytes", DEFAULT_BUCKET_BYTES),
-        )  # fmt: skip
-        figures["plans"][w] = {"passes": plan.passes, "peak_bytes_per_rank": plan.peak_bytes_per_rank,
-                               "sum_bytes": plan.total_sum_bytes(), "describe": plan.describe()}  # fmt: skip
+    figures["plans"] = covariance_plans(config, dims, worlds, covariance_gib)
     figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device(device))
     with tempfile.TemporaryDirectory(prefix="inflora-large-") as tmp:
         root = (keep or Path(tmp)).resolve()
@@ -167,7 +200,10 @@ def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: i
     for run in figures["runs"]:
         # ZeRO-3 keeps a 1/world share of the weights on each rank; other stages all of them.
         share = weights // run["world"] if cfg.deepspeed.get("zero_stage") == 3 else weights
-        run["peak_budget_mb_per_rank"] = (share + HEADROOM_BYTES) / 2**20
+        terms = {"weights_share": share, "covariance_plan": figures["plans"][run["world"]]["peak_bytes"],
+                 "headroom": HEADROOM_BYTES}  # fmt: skip
+        run["budget_terms_mb"] = {k: v / 2**20 for k, v in terms.items()}
+        run["peak_budget_mb_per_rank"] = sum(terms.values()) / 2**20
         run["peak_within_budget"] = max(run["peak_rss_mb_per_rank"]) <= run["peak_budget_mb_per_rank"]
     return figures
 
@@ -181,9 +217,15 @@ def report(f: dict[str, Any]) -> None:
         print(f"  decomposition d={r['d']}: eigh {r['eigh_s']:.2f} s, svd {r['svd_s']:.2f} s (float64, host)")
     for run in f["runs"]:
         peak = max(run["peak_rss_mb_per_rank"]) / 1024
+        terms = " + ".join(f"{k} {v / 1024:.2f}" for k, v in run["budget_terms_mb"].items())
+        verdict = (
+            "met"
+            if run["peak_within_budget"]
+            else "MISSED, largest term " + max(run["budget_terms_mb"], key=run["budget_terms_mb"].get)
+        )
         print(
             f"world {run['world']}: {run['wall_s']:.0f} s in all; peak resident {peak:.2f} GiB per rank (budget "
-            f"{run['peak_budget_mb_per_rank'] / 1024:.2f}: {'met' if run['peak_within_budget'] else 'MISSED'})"
+            f"{run['peak_budget_mb_per_rank'] / 1024:.2f} = {terms}: {verdict})"
         )
         for t, timing in enumerate(run["timings"]):
             phases = ", ".join(f"{k.removesuffix('_s')} {timing.get(k, 0.0):.1f}" for k in PHASES)
@@ -193,7 +235,9 @@ def report(f: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    figures = run_large(args.worlds, args.config, args.records, args.timeout, args.keep, args.device)
+    figures = run_large(
+        args.worlds, args.config, args.records, args.timeout, args.keep, args.device, args.covariance_gib
+    )
     report(figures)
     if args.json:
         print(json.dumps(figures, default=str), flush=True)
