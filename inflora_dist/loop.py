@@ -56,7 +56,7 @@ from inflora_dist.export import check_export_targets, export_class_statistics, e
 from inflora_dist.inject import count_parameters
 from inflora_dist.methods import Stage, assemble, restore
 from inflora_dist.metrics import pooled_metrics, save_metrics
-from inflora_dist.monitor import Monitor, memory_mb_per_rank
+from inflora_dist.monitor import Monitor, device_peak_mb_per_rank, memory_mb_per_rank
 from inflora_dist.run_record import describe, record_resume, record_start
 from inflora_dist.runlock import RunDirectoryLocked, RunLock
 from inflora_dist.workloads import score_task
@@ -635,6 +635,9 @@ class ContinualTrainer:
                 {"train_s": train_seconds, **self.phase_seconds, **timing, "rss_mb_per_rank": training_memory[0],
                  "peak_rss_mb_per_rank": memory_mb_per_rank()[1]}  # collective; the peak so far, evaluation included
             )  # fmt: skip
+            device_peak = device_peak_mb_per_rank(self.device)  # collective on GPUs; None (no entry) on the host
+            if device_peak is not None:
+                self.timings[-1]["peak_device_mb_per_rank"] = device_peak
             self.scores.add(rows)
             self.progress = Progress(task=stage + 1, phase="start", global_step=self.progress.global_step)
             self._report()

@@ -1,4 +1,4 @@
-"""Monitoring: W&B on rank 0 only (imported lazily), nothing on other ranks; each rank's host memory.
+"""Monitoring: W&B on rank 0 only (imported lazily), nothing on other ranks; each rank's host and GPU memory.
 
 `WANDB_MODE=offline` (or `wandb.mode: offline`, the default) needs no network;
 the run directory lands under `<output_dir>/wandb`. A resumed run passes its
@@ -34,6 +34,15 @@ def memory_mb_per_rank() -> tuple[list[float], list[float]]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     table = dist.all_gather(torch.tensor([resident, peak], dtype=torch.float64, device=dist.collective_device()))
     return table[:, 0].tolist(), table[:, 1].tolist()
+
+
+def device_peak_mb_per_rank(device: torch.device) -> list[float] | None:
+    """Peak device memory allocated so far (torch.cuda.max_memory_allocated, MiB) of every rank, by rank, when
+    the run is on GPUs; None on the host. Collective on GPUs (one all-gather): every rank runs on the same kind."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20], dtype=torch.float64)
+    return dist.all_gather(peak.to(dist.collective_device()))[:, 0].tolist()
 
 
 class Monitor:
