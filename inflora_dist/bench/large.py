@@ -3,7 +3,7 @@
 The config's causal LM (default configs/scale/tinyllama_1b.yaml, a TinyLlama-
 shaped ~1.1B model; configs/scale/llama2_7b.yaml has LLaMA-2-7B's shapes, which
 only fit here partitioned over 2 ranks) is built from its config in bf16 with
-random weights, partitioned under ZeRO-3, and learns 2 small instruction tasks
+random weights, partitioned under ZeRO-3, and learns 2 (--tasks) small instruction tasks
 that this command writes (16 records each: arithmetic answers and reversed
 words), a few optimizer steps per task, as a real `launch/train.py` run at each
 world size (torchrun for 2) on --device (default: cuda when available). It
@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--config", type=Path, default=CONFIG)
     p.add_argument("--records", type=int, default=16, help="records per task (a quarter are held out)")
+    p.add_argument("--tasks", type=int, default=2, choices=[1, 2], help="tasks of the run")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--keep", type=Path, default=None, help="keep the runs in this directory (default: a temp dir)")
     p.add_argument(
@@ -82,17 +83,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 HEADROOM_BYTES = 3 * 2**30
 
 
-def write_tasks(root: Path, records: int) -> Path:
-    """Two JSONL tasks and their shards under `root`; returns the tasks.yaml path."""
+def write_tasks(root: Path, records: int, tasks: int = 2) -> Path:
+    """The first `tasks` (1 or 2) of two JSONL tasks and their shards under `root`; returns the tasks.yaml path."""
+    if tasks not in (1, 2):
+        raise ValueError(f"tasks must be 1 or 2, got {tasks}")
     words = ["cat", "lamp", "river", "stone", "glass", "cloud", "paper", "tiger", "plant", "music", "honey", "chair"]
-    tasks = {
+    rows_by_task = {
         "sums": [{"prompt": f"What is {a} + {a + 3}?", "response": str(2 * a + 3)} for a in range(records)],
         "reverse": [{"prompt": f"Reverse the word: {w}{i}", "response": f"{i}{w[::-1]}"} for i, w in
                     zip(range(records), words * (records // len(words) + 1), strict=False)],
     }  # fmt: skip
     files = []
     root.mkdir(parents=True, exist_ok=True)
-    for name, rows in tasks.items():
+    for name, rows in list(rows_by_task.items())[:tasks]:
         path = root / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files.append(str(path))
@@ -111,6 +114,8 @@ def _command(world: int, config: Path, overrides: list[str]) -> list[str]:
 def run_world(world: int, config: Path, tasks: Path, out: Path, timeout: int, device: str = "cpu") -> dict[str, Any]:
     """One real training run; its phases and per-rank memory from metrics.json, and its wall time."""
     env = {**os.environ, "DS_ACCELERATOR": device, "WANDB_MODE": "disabled"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a host run must not pick up a GPU it sees (init_distributed would)
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's built CPU ops
     # glibc otherwise raises its mmap threshold to 32 MB after the first large frees and keeps freed weight
@@ -179,8 +184,8 @@ def covariance_plans(config: Path, dims: dict[str, int], worlds: list[int], max_
 
 
 def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: int = 16, timeout: int = 3600,
-              keep: Path | None = None, device: str = "cpu",
-              covariance_gib: float = 2.0) -> dict[str, Any]:  # fmt: skip
+              keep: Path | None = None, device: str = "cpu", covariance_gib: float = 2.0,
+              tasks: int = 2) -> dict[str, Any]:  # fmt: skip
     """Run the config at each world size; return the figures (see the module docstring)."""
     from inflora_dist.bench.scale import time_decompositions
 
@@ -189,14 +194,21 @@ def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: i
     dims = group_dims(config)
     parameters = model_parameters(config)
     weights = parameters * DTYPES[cfg.model.get("dtype", "float32")].itemsize
-    figures: dict[str, Any] = {"parameters": parameters, "weights_bytes": weights, "groups": dims, "device": device}
+    figures: dict[str, Any] = {
+        "parameters": parameters,
+        "weights_bytes": weights,
+        "groups": dims,
+        "device": device,
+        "records": records,
+        "tasks": tasks,
+    }
     figures["plans"] = covariance_plans(config, dims, worlds, covariance_gib)
     figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device(device))
     with tempfile.TemporaryDirectory(prefix="inflora-large-") as tmp:
         root = (keep or Path(tmp)).resolve()
         root.mkdir(parents=True, exist_ok=True)
-        tasks = write_tasks(root / "data", records)
-        figures["runs"] = [run_world(w, config, tasks, root / f"world{w}", timeout, device) for w in worlds]
+        sequence = write_tasks(root / "data", records, tasks)
+        figures["runs"] = [run_world(w, config, sequence, root / f"world{w}", timeout, device) for w in worlds]
     for run in figures["runs"]:
         # ZeRO-3 keeps a 1/world share of the weights on each rank; other stages all of them.
         share = weights // run["world"] if cfg.deepspeed.get("zero_stage") == 3 else weights
@@ -235,9 +247,8 @@ def report(f: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    figures = run_large(
-        args.worlds, args.config, args.records, args.timeout, args.keep, args.device, args.covariance_gib
-    )
+    figures = run_large(args.worlds, args.config, args.records, args.timeout, args.keep, args.device,
+                        args.covariance_gib, args.tasks)  # fmt: skip
     report(figures)
     if args.json:
         print(json.dumps(figures, default=str), flush=True)
