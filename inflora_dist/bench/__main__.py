@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "scale": "inflora_dist.bench.scale",
     "large": "inflora_dist.bench.large",
     "budget": "inflora_dist.bench.budget",
+    "gpu": "inflora_dist.bench.gpu",
 }
 
 

@@ -94,12 +94,21 @@ def build_vit(args: argparse.Namespace) -> nn.Module:
 
 
 def make_batches(args: argparse.Namespace, n: int, seed: int, device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """`n` random batches: images (batch, 3, size, size), or token ids (batch, seq_len) when `args` has a
+    `seq_len` (a causal LM's: ids below args.vocab_size)."""
     g = torch.Generator().manual_seed(seed)
+    if getattr(args, "seq_len", None):
+        shape = (args.batch_size, args.seq_len)
+        return [torch.randint(args.vocab_size, shape, generator=g).to(device) for _ in range(n)]
     return [torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device) for _ in range(n)]
 
 
-def forward(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    return model(pixel_values=pixels).last_hidden_state
+def forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """What a step's loss is made of: a ViT's last hidden state from pixels, or a causal LM's next-token loss
+    from token ids (integer inputs)."""
+    if inputs.is_floating_point():
+        return model(pixel_values=inputs).last_hidden_state
+    return model(input_ids=inputs, labels=inputs).loss
 
 
 def covariance_batch(model: nn.Module, inflora: InfLoRA, pixels: torch.Tensor) -> None:
@@ -137,6 +146,7 @@ def peft_lora(base: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 def inflora_model(base: nn.Module, args: argparse.Namespace, num_tasks: int) -> tuple[nn.Module, InfLoRA]:
+    """A copy of `base` with InfLoRA (fp32 adapters) on args.targets, and its method."""
     model = copy.deepcopy(base)
     report = inject_inflora(model, args.targets, rank=args.rank, num_tasks=num_tasks, fold="merge")
     return model, InfLoRA(report, LAMBDA_BEGIN, LAMBDA_END)
@@ -230,6 +240,29 @@ def time_interleaved(arms: dict[str, Callable[[int], None]], warmup: int, steps:
     return best
 
 
+def time_covariance_pass(base: nn.Module, args: argparse.Namespace, batch: Callable[[int], torch.Tensor],
+                         device: torch.device | None) -> tuple[dict[str, float], nn.Module, InfLoRA]:  # fmt: skip
+    """Seconds per batch of a covariance pass of the InfLoRA model before its first task ("covariance") and of
+    a plain no-grad forward of `base` ("plain"), over the same batches (time_interleaved with args.warmup,
+    args.steps, args.repeats); returned with that model and its method, task 0 started from the passes just
+    timed (a real covariance, as on_task_start(0) needs it)."""
+    plain = copy.deepcopy(base).eval()
+    model, inflora = inflora_model(base, args, num_tasks=1)
+    model.eval()
+    cov = time_interleaved(
+        {
+            "covariance": lambda i: covariance_batch(model, inflora, batch(i)),
+            "plain": lambda i: plain_batch(plain, batch(i)),
+        },
+        args.warmup,
+        args.steps,
+        args.repeats,
+        device,
+    )
+    inflora.on_task_start(0)  # A_0 from the passes just timed
+    return cov, model, inflora
+
+
 # ---------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict:
     """Measure and print; returns the figures."""
@@ -247,21 +280,7 @@ def run(args: argparse.Namespace) -> dict:
     def batch(i: int) -> torch.Tensor:
         return batches[i % len(batches)]
 
-    # Covariance pass: the InfLoRA model before its first task, as on_task_start(0) needs it.
-    plain = copy.deepcopy(base).eval()
-    model1, inflora1 = inflora_model(base, args, num_tasks=1)
-    model1.eval()
-    cov = time_interleaved(
-        {
-            "covariance": lambda i: covariance_batch(model1, inflora1, batch(i)),
-            "plain": lambda i: plain_batch(plain, batch(i)),
-        },
-        args.warmup,
-        args.steps,
-        args.repeats,
-        device,
-    )
-    inflora1.on_task_start(0)  # A_0 from the passes just timed (a real covariance)
+    cov, model1, _ = time_covariance_pass(base, args, batch, device)
 
     model10, inflora10 = inflora_model(base, args, num_tasks=FOLDED_TASKS + 1)
     fold_tasks(model10, inflora10, args, FOLDED_TASKS)
