@@ -129,6 +129,11 @@ def row_space(a: torch.Tensor) -> torch.Tensor:
 Eigh = tuple[torch.Tensor, torch.Tensor]  # (eigenvalues ascending, eigenvectors), as torch.linalg.eigh returns
 
 
+def _require_square(i: int, m: torch.Tensor) -> None:
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
+
+
 def stacked_eigh(mats: Sequence[torch.Tensor]) -> list[Eigh]:
     """torch.linalg.eigh of symmetric matrices of one shape, dtype and device in one batched call (small
     decompositions on a GPU are bound by the per-call latency, not the flops). Raises ValueError naming the
@@ -137,8 +142,7 @@ def stacked_eigh(mats: Sequence[torch.Tensor]) -> list[Eigh]:
         return []
     kind = (tuple(mats[0].shape), mats[0].dtype, mats[0].device)
     for i, m in enumerate(mats):
-        if m.ndim != 2 or m.shape[0] != m.shape[1]:
-            raise ValueError(f"eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
+        _require_square(i, m)
         if (tuple(m.shape), m.dtype, m.device) != kind:
             raise ValueError(
                 f"a stacked eigh needs matrices of one size, dtype and device: matrix {i} is "
@@ -156,8 +160,7 @@ def batched_eigh(mats: Sequence[torch.Tensor], stack: bool | None = None) -> lis
     results: list[Eigh | None] = [None] * len(mats)
     by_kind: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
-        if m.ndim != 2 or m.shape[0] != m.shape[1]:
-            raise ValueError(f"eigh decomposes square matrices; matrix {i} has shape {tuple(m.shape)}")
+        _require_square(i, m)
         by_kind.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     for (_, _, device), members in by_kind.items():
         if len(members) == 1 or not (device.type != "cpu" if stack is None else stack):

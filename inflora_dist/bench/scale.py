@@ -153,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vit-step",
         type=_measured_point,
-        default=(H200_VIT_STEP[0], H200_VIT_STEP[1]),
+        default=H200_VIT_STEP,
         metavar="IMAGES:SECONDS",
         help="a measured ViT-B/16 224 px training step on one GPU: images per step and seconds (default: the "
         "H200's fp32 InfLoRA step, 64:0.1249); the ViT projection's second row takes its throughput",
