@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 from inflora_dist.config import ModelConfig
+from inflora_dist.host_linear import LOW_PRECISION, use_float32_products_on_host
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +104,8 @@ def load_backbone(cfg: ModelConfig, auto_class: type = AutoModel, zero3_config: 
     """The transformers model (`auto_class`): from a local checkpoint directory, or built from `cfg.config`.
 
     With `zero3_config` (a ZeRO-3 DeepSpeed config) it is built partitioned; a model family whose
-    construction leaves parameters outside DeepSpeed's partitioning is refused, naming the model.
+    construction leaves parameters outside DeepSpeed's partitioning is refused, naming the model. In bf16 or
+    fp16 its linear layers compute with float32 products on the host (`host_linear`).
     """
     dtype = DTYPES[cfg.dtype]
     with partitioned_construction(zero3_config):
@@ -122,6 +124,8 @@ def load_backbone(cfg: ModelConfig, auto_class: type = AutoModel, zero3_config: 
                 f"DeepSpeed's partitioned construction (e.g. {whole[0]!r}); this model family cannot be built "
                 "partitioned: use deepspeed.zero_stage 0-2"
             )
+    if dtype in LOW_PRECISION:
+        use_float32_products_on_host(model)
     return model
 
 
