@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from inflora_dist.bench.__main__ import main
-from inflora_dist.bench.large import covariance_plans, group_dims
+from inflora_dist.bench.large import covariance_plans, group_dims, time_host_linear
 
 QV_ALL = Path(__file__).resolve().parent.parent / "configs" / "scale" / "llama2_7b_qv_all.yaml"
 
@@ -37,3 +37,11 @@ def test_an_uncapped_config_over_the_allowance_is_refused_before_any_work(tmp_pa
     ):
         main(["large", "--config", str(uncapped), "--worlds", "2", "--keep", str(keep)])  # fmt: skip
     assert not keep.exists()
+
+
+def test_host_linear_figures_side_by_side():
+    """bf16 GEMM and float32 products timed on the same layer shape, forward and input gradient, at toy size."""
+    figures = time_host_linear(32, 64, tokens=4)
+    assert (figures["d_in"], figures["d_out"], figures["tokens"]) == (32, 64, 4)
+    kinds = ("native_forward", "native_input_grad", "float32_products_forward", "float32_products_input_grad")
+    assert all(figures[f"{k}_gflops"] > 0 for k in kinds)

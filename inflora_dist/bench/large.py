@@ -11,7 +11,9 @@ records, from each run's metrics.json: every rank's resident memory after
 training (ZeRO-3's partitioned state) and its peak (evaluation included), the
 seconds of each phase (covariance passes, their reduction, subspace design
 and update, training), the covariance plan and its bytes, and the float64
-decomposition times of the adapted input groups' sizes (this process). The
+decomposition times of the adapted input groups' sizes (this process). On the
+host, in bf16, it also times one MLP weight's forward and input gradient with
+PyTorch's bf16 GEMM against `host_linear`'s float32 products, side by side. The
 peak is compared with the weights' share of a rank, plus the covariance plan's
 peak per rank, plus 3 GiB (`peak_budget_mb_per_rank`, its terms in
 `budget_terms_mb`, `peak_within_budget`). A config whose covariance plan needs
@@ -39,6 +41,7 @@ from transformers import AutoModelForCausalLM
 from inflora_dist.config import ModelConfig
 from inflora_dist.data.build_shards import main as build_shards
 from inflora_dist.dist import DEFAULT_BUCKET_BYTES, free_port
+from inflora_dist.host_linear import HostFloat32Linear
 from inflora_dist.inject import inject_inflora
 from inflora_dist.models import DTYPES, count_model_parameters, meta_model
 from inflora_dist.planner import plan_covariance
@@ -160,6 +163,32 @@ def group_dims(config: Path) -> dict[str, int]:
     return report.dims
 
 
+def time_host_linear(d_in: int, d_out: int, tokens: int = 16, dtype: torch.dtype = torch.bfloat16
+                     ) -> dict[str, float]:  # fmt: skip
+    """GFLOPS of a frozen d_out x d_in linear layer's forward and input gradient on the host, one thread, with
+    PyTorch's GEMM in `dtype` and with HostFloat32Linear's float32 products (one call each, after a small one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank of the runs computes
+    try:
+        figures = {"d_in": d_in, "d_out": d_out, "tokens": tokens}
+        for name, cls in (("native", torch.nn.Linear), ("float32_products", HostFloat32Linear)):
+            for size in (8, d_in):  # the first size warms the kernels up
+                layer = cls(size, size * d_out // d_in, bias=False, dtype=dtype).requires_grad_(False)
+                x = torch.randn(tokens, size, dtype=dtype, requires_grad=True)
+                start = time.perf_counter()
+                y = layer(x)
+                forward = time.perf_counter() - start
+                start = time.perf_counter()
+                y.backward(torch.ones_like(y))
+                backward = time.perf_counter() - start
+            flops = 2 * tokens * d_in * d_out
+            figures[f"{name}_forward_gflops"] = flops / forward / 1e9
+            figures[f"{name}_input_grad_gflops"] = flops / backward / 1e9
+        return figures
+    finally:
+        torch.set_num_threads(threads)
+
+
 def covariance_plans(config: Path, dims: dict[str, int], worlds: list[int], max_gib: float) -> dict[int, dict]:
     """The config's covariance plan at each world size, as its runs make it; raises ValueError, before any
     work, when one needs more than `max_gib` per rank."""
@@ -204,6 +233,10 @@ def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: i
     }
     figures["plans"] = covariance_plans(config, dims, worlds, covariance_gib)
     figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device(device))
+    dtype = DTYPES[cfg.model.get("dtype", "float32")]
+    if device == "cpu" and dtype == torch.bfloat16:
+        widths = cfg.model.config
+        figures["host_linear"] = time_host_linear(widths.hidden_size, widths.intermediate_size, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="inflora-large-") as tmp:
         root = (keep or Path(tmp)).resolve()
         root.mkdir(parents=True, exist_ok=True)
@@ -227,6 +260,12 @@ def report(f: dict[str, Any]) -> None:
         print(f"covariance plan at world {w}:\n{plan['describe']}")
     for r in f["decompositions"]:
         print(f"  decomposition d={r['d']}: eigh {r['eigh_s']:.2f} s, svd {r['svd_s']:.2f} s (float64, host)")
+    if "host_linear" in f:
+        h = f["host_linear"]
+        print(f"  host linear {h['d_out']} x {h['d_in']}, {h['tokens']} tokens, one thread (GFLOPS): bf16 GEMM forward "
+              f"{h['native_forward_gflops']:.2f}, input gradient {h['native_input_grad_gflops']:.2f}; float32 "
+              f"products forward {h['float32_products_forward_gflops']:.2f}, input gradient "
+              f"{h['float32_products_input_grad_gflops']:.2f}")  # fmt: skip
     for run in f["runs"]:
         peak = max(run["peak_rss_mb_per_rank"]) / 1024
         terms = " + ".join(f"{k} {v / 1024:.2f}" for k, v in run["budget_terms_mb"].items())
