@@ -1,14 +1,14 @@
 """Low-precision linear layers on the host, computed with float32 products.
 
-Without AVX-512 BF16, PyTorch's CPU GEMM for bfloat16 falls back to generic loops, and the backward's
-`grad @ W` (both operands untransposed) is the slowest of them. Measured 2026-12-07 on this project's machine
-(AMD EPYC, AVX2, one thread, a LLaMA-2-7B MLP weight of 11008 x 4096): x W^T at 7-11 GFLOPS and grad W at
-0.19 GFLOPS in bfloat16, against 26-58 GFLOPS for both with the operands cast to float32 (casts included). A
-bf16 model whose every block carries a trained branch back-propagates through every frozen weight: one
-optimizer step of the 7B-shaped run took hours there. `HostFloat32Linear` keeps the stored weight (no memory
-added but one chunk's float32 copy) and computes each product in float32, rounding the result to the input's
-dtype as the bf16 kernel does (it accumulates in float32 too: results differ from it in the last bit of about
-0.02% of elements, by summation order). On an accelerator, or in float32, it is nn.Linear.
+Without AVX-512 BF16, PyTorch's CPU GEMM for bfloat16 falls back to generic loops, and the backward's `grad @ W`
+(both operands untransposed) is the slowest of them. Measured 2026-12-07 on this project's machine (AMD EPYC, AVX2,
+one thread, a LLaMA-2-7B MLP weight of 11008 x 4096, 96 tokens; `bench.large.time_host_linear`): x W^T at 10.9
+GFLOPS and grad W at 0.24 in bfloat16, against 31.2 and 32.7 with float32 products (casts included; docs/scaling.md
+section 7). A bf16 model whose every block carries a trained branch back-propagates through every frozen weight:
+one optimizer step of the 7B-shaped run took hours there. `HostFloat32Linear` keeps the stored weight (no memory
+added but one chunk's float32 copy) and computes each product in float32, rounding the result to the input's dtype
+as the bf16 kernel does (it accumulates in float32 too: results differ from it in the last bit of about 0.02% of
+elements, by summation order). On an accelerator, or in float32, it is nn.Linear.
 """
 
 from __future__ import annotations

@@ -163,10 +163,11 @@ def group_dims(config: Path) -> dict[str, int]:
     return report.dims
 
 
-def time_host_linear(d_in: int, d_out: int, tokens: int = 16, dtype: torch.dtype = torch.bfloat16
+def time_host_linear(d_in: int, d_out: int, tokens: int = 96, dtype: torch.dtype = torch.bfloat16
                      ) -> dict[str, float]:  # fmt: skip
     """GFLOPS of a frozen d_out x d_in linear layer's forward and input gradient on the host, one thread, with
-    PyTorch's GEMM in `dtype` and with HostFloat32Linear's float32 products (one call each, after a small one)."""
+    PyTorch's GEMM in `dtype` and with HostFloat32Linear's float32 products (one call each, after a small one).
+    96 tokens: a micro-batch of 2 sequences of 48, as the 7B configs train."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank of the runs computes
     try:
