@@ -29,6 +29,7 @@ def test_bf16_products_match_nn_linear_within_one_rounding(monkeypatch, bias, tr
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = plain(xa), fast(xb)
     assert yb.dtype == torch.bfloat16 and yb.shape == ya.shape
+    assert type(yb.grad_fn).__name__ == "_Float32ProductsBackward"  # the float32 path, not nn.Linear's
     # Both accumulate in float32 and round once: they may differ by the summation order's last bit.
     torch.testing.assert_close(yb, ya, rtol=1e-2, atol=1e-2)
     grad = torch.randn_like(ya)

@@ -223,7 +223,8 @@ def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: i
     cfg = OmegaConf.load(config)
     dims = group_dims(config)
     parameters = model_parameters(config)
-    weights = parameters * DTYPES[cfg.model.get("dtype", "float32")].itemsize
+    dtype = DTYPES[cfg.model.get("dtype", "float32")]
+    weights = parameters * dtype.itemsize
     figures: dict[str, Any] = {
         "parameters": parameters,
         "weights_bytes": weights,
@@ -234,7 +235,6 @@ def run_large(worlds: list[int] | None = None, config: Path = CONFIG, records: i
     }
     figures["plans"] = covariance_plans(config, dims, worlds, covariance_gib)
     figures["decompositions"] = time_decompositions(sorted(set(dims.values())), torch.device(device))
-    dtype = DTYPES[cfg.model.get("dtype", "float32")]
     if device == "cpu" and dtype == torch.bfloat16:
         widths = cfg.model.config
         figures["host_linear"] = time_host_linear(widths.hidden_size, widths.intermediate_size, dtype=dtype)
